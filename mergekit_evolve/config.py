@@ -1,0 +1,397 @@
+"""The run configuration: one YAML file, validated into frozen pydantic models.
+
+Relative paths resolve against the directory of the config file. Every problem is
+reported as one :class:`~mergekit_evolve.errors.ConfigError` line naming the field
+(``sources.models.1.path: ...``) or the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import (
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from .errors import ConfigError
+from .spaces.dataflow import DataflowSpaceConfig
+from .spaces.param import ParameterSpaceConfig
+from .strict import StrictModel
+
+DTYPES = ("float32", "float16", "bfloat16")
+# "org/name": what a model on the Hugging Face hub looks like (and what a local path
+# usually does not: those start with ".", "/" or "~", or have more parts).
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_path(value: str, info: ValidationInfo) -> str:
+    """Makes ``value`` absolute against the config file's directory (from the context)."""
+    base = (info.context or {}).get("base_dir")
+    path = Path(os.path.expanduser(value))
+    if not path.is_absolute() and base is not None:
+        path = Path(base) / path
+    return str(path.resolve()) if base is not None else str(path)
+
+
+class ModelSpec(StrictModel):
+    """A source model.
+
+    Attributes:
+        name: Short name used in genes and reports (default: the directory name).
+        path: A local model directory, or a hub id (``org/name``) on machines with a hub.
+    """
+
+    name: str
+    path: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _short_form(cls, data: Any) -> Any:
+        if isinstance(data, str):
+            return {"name": Path(data.rstrip("/")).name, "path": data}
+        return data
+
+    @field_validator("path")
+    @classmethod
+    def _resolve(cls, value: str, info: ValidationInfo) -> str:
+        if HUB_ID.match(value) and not (Path((info.context or {}).get("base_dir", ".")) / value).exists():
+            return value  # a hub id; resolved later against sources.model_root
+        return resolve_path(value, info)
+
+    @property
+    def is_hub_id(self) -> bool:
+        return bool(HUB_ID.match(self.path))
+
+
+class SourcesConfig(StrictModel):
+    """The models to merge.
+
+    Attributes:
+        models: Every source model (the base model too, when there is one).
+        base_model: Name of the base model for task-vector methods (ties, dare, ...).
+        tokenizer_source: mergekit's ``tokenizer_source``: ``base``, ``union``, a model
+            name, or null to keep the first model's tokenizer.
+        dtype: Dtype of merged models.
+        trust_remote_code: Passed to transformers and mergekit; off unless asked.
+        model_root: A folder holding hub models by name: ``org/name`` resolves to
+            ``model_root/name`` when that folder exists. The environment variable
+            ``MERGEKIT_EVOLVE_MODEL_ROOT`` does the same.
+    """
+
+    models: list[ModelSpec] = Field(min_length=1)
+    base_model: str | None = None
+    tokenizer_source: str | None = "base"
+    dtype: Literal["float32", "float16", "bfloat16"] = "bfloat16"
+    trust_remote_code: bool = False
+    model_root: str | None = None
+
+    @field_validator("model_root")
+    @classmethod
+    def _resolve_root(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return None if value is None else resolve_path(value, info)
+
+    @model_validator(mode="after")
+    def _check_names(self) -> SourcesConfig:
+        names = [m.name for m in self.models]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"model names must be unique, got {duplicates} twice (set 'name:')")
+        if self.base_model is not None and self.base_model not in names:
+            raise ValueError(f"base_model {self.base_model!r} is not one of the models {names}")
+        if self.tokenizer_source not in (None, "base", "union", *names):
+            raise ValueError(
+                f"tokenizer_source must be 'base', 'union', null or a model name {names}, "
+                f"got {self.tokenizer_source!r}"
+            )
+        return self
+
+    def tokenizer_model(self) -> str | None:
+        """The model name whose tokenizer candidates use (None for ``union``)."""
+        if self.tokenizer_source == "base":
+            return self.base_model or self.models[0].name
+        if self.tokenizer_source is None:
+            return self.models[0].name
+        return None if self.tokenizer_source == "union" else self.tokenizer_source
+
+
+class ToyZooConfig(StrictModel):
+    """Build the toy model zoo into ``dir`` before the run when it is missing."""
+
+    dir: str
+    seed: int = 0
+
+    @field_validator("dir")
+    @classmethod
+    def _resolve(cls, value: str, info: ValidationInfo) -> str:
+        return resolve_path(value, info)
+
+
+class OptimizerConfig(StrictModel):
+    """The search algorithm.
+
+    Attributes:
+        type: ``cma`` (CMA-ES, the paper's choice) or ``random`` (uniform random
+            search in the unit cube, a baseline).
+        population: Candidates per generation (default: CMA-ES's 4 + 3 ln(dim)).
+        sigma0: Initial step size in the unit cube (the paper: 1/6).
+        x0: Initial mean, every gene (the paper: 0.5).
+        max_evals: Budget: candidates evaluated in all.
+        seed: Seed of the optimizer's random numbers.
+    """
+
+    type: Literal["cma", "random"] = "cma"
+    population: int | None = Field(default=None, ge=2)
+    sigma0: float = Field(default=1 / 6, gt=0, le=1)
+    x0: float = Field(default=0.5, ge=0, le=1)
+    max_evals: int = Field(default=100, ge=1)
+    seed: int = Field(default=0, ge=0)
+
+
+class TaskSpec(StrictModel):
+    """One lm-eval task in the fitness or held-out suite.
+
+    Attributes:
+        task: lm-eval task (or group) name.
+        metric: Metric name as lm-eval reports it (``acc``, ``exact_match``...).
+        filter: lm-eval filter name; the result key is ``f"{metric},{filter}"``.
+        weight: Weight in the fitness; weights are normalized to sum to one.
+        higher_is_better: False for losses such as perplexity.
+    """
+
+    task: str
+    metric: str = "acc"
+    filter: str = "none"
+    weight: float = Field(default=1.0, gt=0)
+    higher_is_better: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _short_form(cls, data: Any) -> Any:
+        return {"task": data} if isinstance(data, str) else data
+
+    @property
+    def key(self) -> str:
+        return f"{self.metric},{self.filter}"
+
+
+class EvalSuiteConfig(StrictModel):
+    """A list of lm-eval tasks and how to run them.
+
+    Attributes:
+        tasks: The tasks (``[arc_easy]`` is short for ``[{task: arc_easy}]``).
+        limit: Score only the first ``limit`` documents of each task.
+        subsample: Score a seeded random subset of this many documents per task.
+        subsample_seed: Seed of that subset (fixed for the whole run).
+        num_fewshot: Few-shot examples (default: each task's own).
+        gen_kwargs: Generation settings for generative tasks (``max_gen_toks``...).
+        batch_size: lm-eval batch size.
+        apply_chat_template: Wrap prompts in the model's chat template.
+    """
+
+    tasks: list[TaskSpec] = Field(default_factory=list)
+    limit: int | None = Field(default=None, ge=1)
+    subsample: int | None = Field(default=None, ge=1)
+    subsample_seed: int = 0
+    num_fewshot: int | None = Field(default=None, ge=0)
+    gen_kwargs: dict[str, Any] = Field(default_factory=dict)
+    batch_size: int = Field(default=32, ge=1)
+    apply_chat_template: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> EvalSuiteConfig:
+        if self.limit is not None and self.subsample is not None:
+            raise ValueError("give either limit or subsample, not both")
+        names = [t.task for t in self.tasks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"tasks must be unique, got {names}")
+        return self
+
+
+class FitnessConfig(EvalSuiteConfig):
+    """The tasks whose weighted mean score is the fitness CMA-ES maximizes.
+
+    Attributes:
+        task_dirs: Extra folders of lm-eval task YAMLs (the project's ``evals/`` is
+            always included).
+    """
+
+    task_dirs: list[str] = Field(default_factory=list)
+
+    @field_validator("tasks")
+    @classmethod
+    def _not_empty(cls, value: list[TaskSpec]) -> list[TaskSpec]:
+        if not value:
+            raise ValueError("at least one fitness task is required")
+        return value
+
+    @field_validator("task_dirs")
+    @classmethod
+    def _resolve(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        dirs = [resolve_path(v, info) for v in value]
+        for d in dirs:
+            if not Path(d).is_dir():
+                raise ValueError(f"task directory {d} does not exist")
+        return dirs
+
+
+class HeldoutConfig(EvalSuiteConfig):
+    """Tasks scored once at the end on the best candidate, every source and baseline.
+
+    Attributes:
+        sources: Also score every source model.
+        baselines: Also score the space's baselines (``uniform``, ``default``).
+    """
+
+    sources: bool = True
+    baselines: bool = True
+
+
+class BuilderConfig(StrictModel):
+    """How candidates are built.
+
+    Attributes:
+        cuda: Merge and evaluate on the GPU.
+        in_memory: Merge into a preallocated model in memory; otherwise (or when
+            the merge changes the vocabulary) write each candidate to a temporary
+            directory that is removed afterwards.
+        dtype: Dtype of the candidate (default: ``sources.dtype``).
+    """
+
+    cuda: bool = False
+    in_memory: bool = True
+    dtype: Literal["float32", "float16", "bfloat16"] | None = None
+
+
+class RunnerConfig(StrictModel):
+    """Who evaluates candidates.
+
+    Attributes:
+        type: ``serial`` (in this process) or ``ray`` (Ray workers).
+        workers: Ray workers (each owns a GPU with ``builder.cuda``, else CPUs).
+        address: Address of an existing Ray cluster (default: start a local one).
+        cpus_per_worker: CPUs per Ray worker.
+    """
+
+    type: Literal["serial", "ray"] = "serial"
+    workers: int = Field(default=1, ge=1)
+    address: str | None = None
+    cpus_per_worker: float = Field(default=1, gt=0)
+
+
+class OutputConfig(StrictModel):
+    """Where results go.
+
+    Attributes:
+        dir: The run directory.
+        save_final: Write the best merged model to ``final/``.
+        plots: Write ``fitness.png``.
+    """
+
+    dir: str
+    save_final: bool = True
+    plots: bool = True
+
+    @field_validator("dir")
+    @classmethod
+    def _resolve(cls, value: str, info: ValidationInfo) -> str:
+        return resolve_path(value, info)
+
+
+SpaceConfig = Annotated[
+    Union[ParameterSpaceConfig, DataflowSpaceConfig],
+    Field(discriminator="type"),
+]
+
+
+class RunConfig(StrictModel):
+    """A whole search: sources, space, optimizer, fitness, held-out suite, output."""
+
+    name: str = "run"
+    sources: SourcesConfig
+    toy_zoo: ToyZooConfig | None = None
+    space: SpaceConfig
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    fitness: FitnessConfig
+    heldout: HeldoutConfig = Field(default_factory=HeldoutConfig)
+    builder: BuilderConfig = Field(default_factory=BuilderConfig)
+    runner: RunnerConfig = Field(default_factory=RunnerConfig)
+    output: OutputConfig
+
+    @property
+    def dtype(self) -> str:
+        return self.builder.dtype or self.sources.dtype
+
+    def config_hash(self) -> str:
+        """Hash of everything that decides the search (not output or runner settings)."""
+        relevant = self.model_dump(mode="json", exclude={"output", "runner", "heldout"})
+        relevant["optimizer"].pop("max_evals")  # a resumed run may extend its budget
+        blob = json.dumps(relevant, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def with_overrides(self, **updates: Any) -> RunConfig:
+        """A copy with dotted-path overrides (``{"optimizer.seed": 3}``), re-validated."""
+        data = self.model_dump(mode="python")
+        for dotted, value in updates.items():
+            node = data
+            *parents, leaf = dotted.split(".")
+            for key in parents:
+                node = node[key]
+            node[leaf] = value
+        return parse_config(data, source="overrides", base_dir=None)
+
+
+def format_validation_error(error: ValidationError, source: str) -> str:
+    """One line: ``FILE: field.path: message`` (plus a count of further problems)."""
+    first = error.errors()[0]
+    where = ".".join(str(p) for p in first["loc"] if not str(p).startswith("function-"))
+    # Discriminated unions add the tag ("parameter") to the location: drop it.
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        message = "unknown key"
+    elif first["type"] == "missing":
+        message = "field required"
+    more = len(error.errors()) - 1
+    tail = f" (and {more} more problem{'s' * (more > 1)})" if more else ""
+    return f"{source}: {where or '<top>'}: {message}{tail}"
+
+
+def parse_config(data: Any, source: str, base_dir: str | Path | None) -> RunConfig:
+    """Validates a config mapping.
+
+    Raises:
+        ConfigError: one line naming the field and what was expected.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    context = {"base_dir": str(base_dir)} if base_dir is not None else {}
+    try:
+        return RunConfig.model_validate(data, context=context)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, source)) from None
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Reads and validates a run config YAML (with ``yaml.safe_load``).
+
+    Raises:
+        ConfigError: the file is missing, is not YAML, or does not validate.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        first_line = str(e).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML: {first_line}") from None
+    return parse_config(data, source=str(path), base_dir=path.resolve().parent)

@@ -1,0 +1,156 @@
+"""Facts about the source models, read from their ``config.json`` only.
+
+Search spaces need a few facts (depth, architecture) to lay out their genes. They are
+read here once, without loading any weights, so ``--dry-run`` works with config-only
+fixtures and decoding stays free of I/O.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+MODEL_ROOT_ENV = "MERGEKIT_EVOLVE_MODEL_ROOT"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """One source model.
+
+    Attributes:
+        name: Short name used in genes, reports and ``summary.json``.
+        path: Absolute path of the model directory (or a hub id on a machine with a hub).
+        config: The parsed ``config.json`` (empty when it could not be read).
+    """
+
+    name: str
+    path: str
+    config: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def text_config(self) -> dict[str, Any]:
+        """The language model's config: ``text_config`` for VLMs, else the config itself."""
+        return self.config.get("text_config") or self.config
+
+    @property
+    def num_layers(self) -> int:
+        layers = self.text_config.get("num_hidden_layers")
+        if not isinstance(layers, int):
+            raise ConfigError(f"{self.path}/config.json: no integer 'num_hidden_layers'")
+        return layers
+
+    @property
+    def architecture(self) -> str:
+        archs = self.config.get("architectures") or ["?"]
+        return archs[0]
+
+    @property
+    def model_type(self) -> str:
+        return str(self.text_config.get("model_type", "?"))
+
+
+def read_model_info(name: str, path: str) -> ModelInfo:
+    """Reads ``config.json`` of a local model directory.
+
+    Raises:
+        ConfigError: when the directory or its ``config.json`` is missing or unreadable.
+    """
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise ConfigError(f"model {name!r}: {config_file} not found (expected a model directory)")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"model {name!r}: cannot read {config_file}: {e}") from e
+    return ModelInfo(name=name, path=str(path), config=config)
+
+
+@dataclass(frozen=True)
+class SourceSet:
+    """The models a search merges.
+
+    Attributes:
+        models: Every source model, in config order (the base model included).
+        base: The base model of task-vector methods, if any.
+    """
+
+    models: tuple[ModelInfo, ...]
+    base: ModelInfo | None = None
+
+    @property
+    def experts(self) -> tuple[ModelInfo, ...]:
+        """The models that get genes of their own: every model except the base."""
+        return tuple(m for m in self.models if self.base is None or m.name != self.base.name)
+
+    def by_name(self, name: str) -> ModelInfo:
+        for m in self.models:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+    @property
+    def num_layers(self) -> int:
+        """The common depth of the sources (parameter-space merges need one)."""
+        depths = {m.name: m.num_layers for m in self.models}
+        if len(set(depths.values())) != 1:
+            raise ConfigError(f"sources.models: parameter-space merges need equal depths, got {depths}")
+        return next(iter(depths.values()))
+
+
+def resolve_model_path(path: str, is_hub_id: bool, model_root: str | None) -> str:
+    """A hub id ``org/name`` becomes ``model_root/name`` (or ``model_root/org/name``)
+    when that folder exists; anything else stays as it is."""
+    root = model_root or os.environ.get(MODEL_ROOT_ENV)
+    if is_hub_id and root:
+        for candidate in (Path(root) / path.split("/")[-1], Path(root) / path):
+            if candidate.is_dir():
+                return str(candidate.resolve())
+    return path
+
+
+def load_sources(config, planned: dict[str, dict[str, Any]] | None = None) -> SourceSet:
+    """Reads the facts of every source model named in a ``SourcesConfig``.
+
+    Args:
+        config: The ``sources`` block of a run config.
+        planned: ``{path: config_dict}`` for models that will exist before the run
+            (the toy zoo, built on first use), so ``--dry-run`` needs no build.
+
+    Raises:
+        ConfigError: a model directory or its ``config.json`` is missing, or a hub
+            model cannot be resolved offline.
+    """
+    planned = planned or {}
+    infos = []
+    for i, spec in enumerate(config.models):
+        path = resolve_model_path(spec.path, spec.is_hub_id, config.model_root)
+        if path in planned and not Path(path).exists():
+            infos.append(ModelInfo(spec.name, path, planned[path]))
+        elif Path(path).exists() or not spec.is_hub_id:
+            try:
+                infos.append(read_model_info(spec.name, path))
+            except ConfigError as e:
+                raise ConfigError(f"sources.models.{i}.path: {e}") from None
+        else:
+            infos.append(ModelInfo(spec.name, path, _hub_config(spec.name, path, i)))
+    base = next((m for m in infos if m.name == config.base_model), None)
+    return SourceSet(models=tuple(infos), base=base)
+
+
+def _hub_config(name: str, hub_id: str, index: int) -> dict[str, Any]:
+    """``config.json`` of a hub model (from the local cache, or the hub where reachable)."""
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return json.loads(Path(hf_hub_download(hub_id, "config.json")).read_text(encoding="utf-8"))
+    except Exception as e:  # offline, gated, missing: all mean "cannot read it here"
+        raise ConfigError(
+            f"sources.models.{index}.path: cannot read config.json of hub model {hub_id!r} "
+            f"({type(e).__name__}); download it, or set sources.model_root / {MODEL_ROOT_ENV} "
+            "to a folder holding it"
+        ) from None
