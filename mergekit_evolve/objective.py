@@ -1,0 +1,43 @@
+"""From lm-eval metrics to one fitness number (higher is better)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .config import TaskSpec
+from .errors import EvalError
+
+Metrics = dict[str, dict[str, float]]  # task -> "metric,filter" -> value
+
+
+def task_score(metrics: Metrics, spec: TaskSpec) -> float:
+    """The value of ``spec``'s metric key in ``metrics``.
+
+    Raises:
+        EvalError: the task or key is missing (the message lists what is there).
+    """
+    if spec.task not in metrics:
+        raise EvalError(f"lm-eval returned no results for task {spec.task!r} (got: {sorted(metrics)})")
+    results = metrics[spec.task]
+    if spec.key not in results:
+        raise EvalError(f"task {spec.task!r} has no metric {spec.key!r} (available: {sorted(results)})")
+    return float(results[spec.key])
+
+
+def fitness(metrics: Metrics, specs: Sequence[TaskSpec]) -> float:
+    """Weighted mean of the task scores, weights normalized to sum to one.
+
+    Scores of ``higher_is_better: false`` tasks enter negated: this is the one place
+    where the direction of a metric is handled, so the optimizer always maximizes.
+    """
+    total = sum(s.weight for s in specs)
+    value = 0.0
+    for spec in specs:
+        score = task_score(metrics, spec)
+        value += spec.weight * (score if spec.higher_is_better else -score)
+    return value / total
+
+
+def scores(metrics: Metrics, specs: Sequence[TaskSpec]) -> dict[str, float]:
+    """``{task: score}`` for reports (in each metric's own direction)."""
+    return {spec.task: task_score(metrics, spec) for spec in specs}
