@@ -1,0 +1,69 @@
+"""Evaluates one candidate: decode -> build -> score -> :class:`Result`.
+
+The same class runs in the main process (serial runner) and inside Ray actors.
+Expected failures (invalid genome, merge error, lm-eval error, out of memory, NaN
+fitness) become failed results; anything else is a bug and propagates.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import socket
+
+import numpy as np
+import torch
+
+from . import objective
+from .builder import Builder
+from .config import TaskSpec
+from .errors import CandidateError, EvalError
+from .evaluator import Evaluator
+from .spaces.base import SearchSpace
+from .state import Candidate, Result
+
+logger = logging.getLogger(__name__)
+
+
+class Worker:
+    """Owns a builder (with its preallocated model) and a loaded fitness suite.
+
+    Args:
+        space: Decodes genomes.
+        builder: Builds models.
+        evaluator: The fitness suite.
+        tasks: The fitness task specs (metric keys, weights, directions).
+        name: Shown in ``history.jsonl`` (which worker evaluated a candidate).
+    """
+
+    def __init__(self, space: SearchSpace, builder: Builder, evaluator: Evaluator, tasks: list[TaskSpec], name: str | None = None) -> None:
+        self.space = space
+        self.builder = builder
+        self.evaluator = evaluator
+        self.tasks = tasks
+        self.name = name or socket.gethostname()
+
+    def evaluate(self, candidate: Candidate) -> Result:
+        """Scores one candidate; never raises for an expected candidate failure."""
+        genome = np.array(candidate.genome)
+        result = Result(candidate.index, candidate.generation, list(candidate.genome), status="failed", worker=self.name)
+        try:
+            result.genes = self.space.describe(genome)
+            merge_config = self.space.decode(genome)
+            result.merge_config = merge_config.model_dump(mode="json", exclude_none=True)
+            built = self.builder.build(merge_config)
+            result.build_seconds = built.seconds
+            scored = self.evaluator.evaluate(built.model, built.tokenizer)
+            result.eval_seconds = scored.seconds
+            result.metrics = scored.metrics
+            fitness = objective.fitness(scored.metrics, self.tasks)
+            if not math.isfinite(fitness):
+                raise EvalError(f"fitness is {fitness}")
+            result.fitness, result.status = fitness, "ok"
+        except CandidateError as e:
+            result.error = f"{type(e).__name__}: {e}"
+        except torch.cuda.OutOfMemoryError as e:
+            result.error = f"OutOfMemoryError: {e}"
+        if result.error:
+            logger.warning("candidate %d failed: %s", candidate.index, result.error)
+        return result
