@@ -1,0 +1,177 @@
+"""Problems, answer formats and fixed splits of the toy Japanese-arithmetic world.
+
+Prompts are ``"47-12="`` or ``"12+34="``; answers end with a newline (the end marker
+that makes exact match strict: ``"12"`` does not match ``"123"``). A Japanese answer
+writes each digit as a numeral (``35`` -> ``三五``). Operands are two-digit numbers;
+subtraction keeps ``a >= b``.
+
+The evaluation splits are fixed (seed :data:`SPLIT_SEED`, independent of the zoo's
+training seed) and every training set excludes them, so each lm-eval task is held out
+from every model in the zoo.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterable
+from pathlib import Path
+
+from mergekit_evolve.toy.tokenizer import JA_DIGITS
+
+__all__ = [
+    "SPLIT_SEED",
+    "SPLIT_SIZE",
+    "TASK_SPLITS",
+    "to_ja",
+    "prompt",
+    "answer",
+    "add_pairs",
+    "sub_pairs",
+    "split_pairs",
+    "task_docs",
+    "write_task_data",
+]
+
+SPLIT_SEED = 20240319
+"""Seed of the evaluation splits; fixed so committed task data never changes."""
+
+SPLIT_SIZE = 200
+"""Problems per evaluation split."""
+
+Pair = tuple[int, int]
+
+_TRANS = str.maketrans("0123456789", JA_DIGITS)
+
+# task name -> (operator, answer script, split name)
+TASK_SPLITS: dict[str, tuple[str, str, str]] = {
+    "toy_ja_sub_fitness": ("-", "ja", "sub_fitness"),
+    "toy_ja_sub_heldout": ("-", "ja", "sub_heldout"),
+    "toy_sub_ascii": ("-", "ascii", "sub_ascii"),
+    "toy_add_ja": ("+", "ja", "add_ja"),
+}
+"""The toy lm-eval tasks: operator, answer script and the split they read."""
+
+
+def to_ja(text: str) -> str:
+    """Write every ASCII digit of ``text`` as a Japanese numeral (``"305"`` -> ``"三〇五"``)."""
+    return text.translate(_TRANS)
+
+
+def prompt(a: int, op: str, b: int) -> str:
+    """The question text, for example ``"47-12="``."""
+    return f"{a}{op}{b}="
+
+
+def answer(a: int, op: str, b: int, script: str = "ascii") -> str:
+    """The exact expected answer, newline-terminated.
+
+    Args:
+        a: First operand.
+        op: ``"+"`` or ``"-"``.
+        b: Second operand.
+        script: ``"ascii"`` or ``"ja"`` (every digit as a Japanese numeral).
+
+    Returns:
+        The answer text, for example ``"35\\n"`` or ``"三五\\n"``.
+
+    Raises:
+        ValueError: For an unknown operator or script.
+    """
+    if op == "+":
+        value = str(a + b)
+    elif op == "-":
+        value = str(a - b)
+    else:
+        raise ValueError(f"operator must be '+' or '-', got {op!r}")
+    if script == "ascii":
+        return value + "\n"
+    if script == "ja":
+        return to_ja(value) + "\n"
+    raise ValueError(f"script must be 'ascii' or 'ja', got {script!r}")
+
+
+def add_pairs() -> list[Pair]:
+    """All two-digit addition problems (8,100)."""
+    return [(a, b) for a in range(10, 100) for b in range(10, 100)]
+
+
+def sub_pairs() -> list[Pair]:
+    """All two-digit subtraction problems with ``a >= b`` (4,095)."""
+    return [(a, b) for a in range(10, 100) for b in range(10, a + 1)]
+
+
+def split_pairs() -> dict[str, list[Pair]]:
+    """The fixed, disjoint evaluation splits and the training pools that exclude them.
+
+    Returns:
+        ``sub_fitness``, ``sub_heldout``, ``sub_ascii`` (subtraction, disjoint),
+        ``add_ja`` (addition), and ``sub_train`` / ``add_train``: every other pair.
+    """
+    rng = random.Random(SPLIT_SEED)
+    subs = sub_pairs()
+    rng.shuffle(subs)
+    adds = add_pairs()
+    rng.shuffle(adds)
+    n = SPLIT_SIZE
+    return {
+        "sub_fitness": subs[:n],
+        "sub_heldout": subs[n : 2 * n],
+        "sub_ascii": subs[2 * n : 3 * n],
+        "sub_train": subs[3 * n :],
+        "add_ja": adds[:n],
+        "add_train": adds[n:],
+    }
+
+
+def task_docs(task: str) -> list[dict[str, str | int]]:
+    """The documents of one toy lm-eval task.
+
+    Args:
+        task: A key of :data:`TASK_SPLITS`.
+
+    Returns:
+        Dicts with ``question``, ``answer``, ``a`` and ``b``.
+
+    Raises:
+        ValueError: For an unknown task name.
+    """
+    if task not in TASK_SPLITS:
+        raise ValueError(
+            f"unknown toy task {task!r}; expected one of {sorted(TASK_SPLITS)}"
+        )
+    op, script, split = TASK_SPLITS[task]
+    return [
+        {
+            "question": prompt(a, op, b),
+            "answer": answer(a, op, b, script),
+            "a": a,
+            "b": b,
+        }
+        for a, b in split_pairs()[split]
+    ]
+
+
+def _write_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    with path.open("w", encoding="utf-8", newline="\n") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def write_task_data(directory: str | Path) -> list[Path]:
+    """Write ``<task>.jsonl`` for every toy task (regenerates ``evals/toy_ja_math/data``).
+
+    Args:
+        directory: Output folder, created if missing.
+
+    Returns:
+        The written files.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    out = []
+    for task in TASK_SPLITS:
+        path = directory / f"{task}.jsonl"
+        _write_jsonl(path, task_docs(task))
+        out.append(path)
+    return out
