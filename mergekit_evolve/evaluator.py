@@ -33,6 +33,24 @@ class Scored:
     seconds: float
 
 
+def _quiet(wrapper_class: type) -> type:
+    """``wrapper_class`` without its per-call progress bars.
+
+    lm-eval passes ``disable=`` to its bars explicitly, so ``TQDM_DISABLE`` cannot
+    silence them, and a bar per candidate would bury the search's own progress bar.
+    """
+
+    class Quiet(wrapper_class):
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood(requests, disable_tqdm=True)
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            return super().generate_until(requests, disable_tqdm=True)
+
+    Quiet.__name__ = Quiet.__qualname__ = f"Quiet{wrapper_class.__name__}"
+    return Quiet
+
+
 class Evaluator:
     """Runs one suite of lm-eval tasks on models.
 
@@ -84,10 +102,10 @@ class Evaluator:
         if self.multimodal:
             from lm_eval.models.hf_vlms import HFMultimodalLM
 
-            return HFMultimodalLM(pretrained=model, batch_size=self.suite.batch_size)
+            return _quiet(HFMultimodalLM)(pretrained=model, batch_size=self.suite.batch_size)
         from lm_eval.models.huggingface import HFLM
 
-        return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.suite.batch_size)
+        return _quiet(HFLM)(pretrained=model, tokenizer=tokenizer, batch_size=self.suite.batch_size)
 
     def evaluate(self, model: Any, tokenizer: Any) -> Scored:
         """Scores ``model`` on every task of the suite.

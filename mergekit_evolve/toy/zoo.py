@@ -243,6 +243,17 @@ def _build(directory: Path, seed: int) -> None:
         _save(model, directory / name)
 
 
+def zoo_model_configs(directory: str | Path) -> dict[str, dict]:
+    """The ``config.json`` each zoo model will have, keyed by its resolved path.
+
+    Lets ``--dry-run`` validate and decode a toy config before the zoo is trained.
+    """
+    directory = Path(directory).resolve()
+    config = _llama_config(NUM_LAYERS, HIDDEN_SIZE, INTERMEDIATE_SIZE, NUM_HEADS).to_dict()
+    config["architectures"] = ["LlamaForCausalLM"]
+    return {str(directory / name): dict(config) for name in MODEL_NAMES}
+
+
 def build_zoo(
     directory: str | Path, seed: int = 0, force: bool = False
 ) -> dict[str, Path]:
