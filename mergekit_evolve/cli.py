@@ -62,7 +62,10 @@ def main(config: Path, output, max_evals, seed, resume, cuda, dry_run, no_progre
     try:
         _run(config, output, max_evals, seed, resume, cuda, dry_run, not no_progress)
     except (ConfigError, ResumeError) as e:
-        click.echo(f"{type(e).__name__}: {e}", err=True)
+        message = str(e)
+        if isinstance(e, ConfigError) and not message.startswith(str(config)):
+            message = f"{config}: {message}"  # say which file, also for checks after parsing
+        click.echo(f"{type(e).__name__}: {message}", err=True)
         sys.exit(2)
     except MergekitEvolveError as e:
         click.echo(f"{type(e).__name__}: {e}", err=True)

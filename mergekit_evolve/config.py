@@ -350,12 +350,26 @@ class RunConfig(StrictModel):
         return parse_config(data, source="overrides", base_dir=None)
 
 
-def format_validation_error(error: ValidationError, source: str) -> str:
+# A model validator names the field it rejects at the start of its message
+# ("parameters.weight: range ..."): such a prefix joins the location instead.
+_FIELD_PREFIX = re.compile(r"^([A-Za-z_][\w]*(?:\.[\w]+)*): (.*)$", re.DOTALL)
+
+
+def format_validation_error(error: ValidationError, source: str, data: Any = None) -> str:
     """One line: ``FILE: field.path: message`` (plus a count of further problems)."""
     first = error.errors()[0]
-    where = ".".join(str(p) for p in first["loc"] if not str(p).startswith("function-"))
-    # Discriminated unions add the tag ("parameter") to the location: drop it.
+    loc = [str(p) for p in first["loc"] if not str(p).startswith("function-")]
+    # The space union is tagged by ``type``: pydantic puts the tag ("parameter") into
+    # the location, where the user wrote no such key. Drop it.
+    space_type = data.get("space", {}).get("type") if isinstance(data, dict) and isinstance(data.get("space"), dict) else None
+    if len(loc) > 1 and loc[0] == "space" and loc[1] == space_type:
+        del loc[1]
     message = first["msg"].removeprefix("Value error, ")
+    prefixed = _FIELD_PREFIX.match(message)
+    if prefixed and first["type"] == "value_error":
+        loc.append(prefixed.group(1))
+        message = prefixed.group(2)
+    where = ".".join(loc)
     if first["type"] == "extra_forbidden":
         message = "unknown key"
     elif first["type"] == "missing":
@@ -377,7 +391,7 @@ def parse_config(data: Any, source: str, base_dir: str | Path | None) -> RunConf
     try:
         return RunConfig.model_validate(data, context=context)
     except ValidationError as e:
-        raise ConfigError(format_validation_error(e, source)) from None
+        raise ConfigError(format_validation_error(e, source, data)) from None
 
 
 def load_config(path: str | Path) -> RunConfig:

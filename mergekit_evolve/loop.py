@@ -92,9 +92,12 @@ class Evolution:
         self.optimizer: Optimizer = make_optimizer(
             config.optimizer, self.space.dim, self.space.x0(config.optimizer.x0)
         )
-        task_manager_for(
-            [t.task for t in (*config.fitness.tasks, *config.heldout.tasks)], config.fitness.task_dirs
-        )
+        fields = {
+            f"{suite}.tasks.{i}.task": spec.task
+            for suite in ("fitness", "heldout")
+            for i, spec in enumerate(getattr(config, suite).tasks)
+        }
+        task_manager_for(list(fields.values()), config.fitness.task_dirs, fields)
 
     def _prepare_zoo(self, build: bool) -> dict[str, dict[str, Any]]:
         """Builds the toy zoo if asked; returns the configs of zoo models not built yet."""

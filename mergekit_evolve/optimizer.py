@@ -63,9 +63,10 @@ class Optimizer(ABC):
 class CmaOptimizer(Optimizer):
     """CMA-ES from the ``cma`` package (Hansen), with box constraints [0, 1]^dim.
 
-    ``cma`` draws its samples from numpy's global random generator, so that
-    generator's state is saved with the ``cma`` object after every ask and restored
-    before the next: a resumed run asks exactly what an uninterrupted one would.
+    ``cma`` samples with its ``randn`` option, by default numpy's global generator.
+    We give it a generator of its own, seeded from the config: pickled with the ``cma``
+    object, it makes a resumed run ask exactly what an uninterrupted one would, and the
+    caller's global generator is never touched.
     """
 
     def __init__(self, config: OptimizerConfig, dim: int, x0: np.ndarray) -> None:
@@ -83,26 +84,25 @@ class CmaOptimizer(Optimizer):
         options = {
             "bounds": [0.0, 1.0],
             "popsize": self.population(),
-            # cma treats seed 0 as "seed from the clock"; shift so 0 is reproducible.
-            "seed": self.config.seed + 1,
+            "randn": np.random.RandomState(self.config.seed).randn,
+            "seed": float("nan"),  # nan: cma leaves numpy's global generator alone
             "verbose": -9,
             "verb_disp": 0,
             "verb_log": 0,
         }
         es = cma.CMAEvolutionStrategy(self.x0, self.config.sigma0, options)
-        state.optimizer = {"es": pickle.dumps(es), "numpy_random": np.random.get_state()}
+        state.optimizer = {"es": pickle.dumps(es)}
 
     def _ask(self, state: RunState) -> np.ndarray:
         es = pickle.loads(state.optimizer["es"])
-        np.random.set_state(state.optimizer["numpy_random"])
         genomes = np.asarray(es.ask())
-        state.optimizer = {"es": pickle.dumps(es), "numpy_random": np.random.get_state()}
+        state.optimizer = {"es": pickle.dumps(es)}
         return genomes
 
     def tell(self, state: RunState, candidates: Sequence[Candidate], fitness: Sequence[float]) -> None:
         es = pickle.loads(state.optimizer["es"])
         es.tell([np.array(c.genome) for c in candidates], [-f for f in fitness])  # cma minimizes
-        state.optimizer = {**state.optimizer, "es": pickle.dumps(es)}
+        state.optimizer = {"es": pickle.dumps(es)}
 
 
 @OPTIMIZERS.register("random")

@@ -70,11 +70,23 @@ class Result:
         return self.status == "ok" and self.fitness is not None and math.isfinite(self.fitness)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), ensure_ascii=False, allow_nan=False, default=str)
+        """One JSON line; NaN and infinities (a diverged candidate's metrics) become
+        null, which strict JSON readers accept."""
+        return json.dumps(_finite(asdict(self)), ensure_ascii=False, allow_nan=False, default=str)
 
     @classmethod
     def from_json(cls, line: str) -> Result:
         return cls(**json.loads(line))
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 @dataclass

@@ -29,12 +29,19 @@ def _task_manager(task_dirs: tuple[str, ...], include_defaults: bool):
     return TaskManager(include_path=[str(project_task_dir()), *task_dirs], include_defaults=include_defaults)
 
 
-def task_manager_for(names: list[str], task_dirs: list[str] | tuple[str, ...] = ()):
+def task_manager_for(
+    names: list[str], task_dirs: list[str] | tuple[str, ...] = (), fields: dict[str, str] | None = None
+):
     """One TaskManager per process that knows every task in ``names``.
 
     Indexing lm-eval's ~14,700 built-in tasks takes seconds, so the project's and the
     config's folders are tried alone first and the built-in index is added only when a
     name is not found there.
+
+    Args:
+        names: Task names.
+        task_dirs: Extra task folders.
+        fields: ``{config field: task name}``, so an error names the field.
 
     Raises:
         ConfigError: a name is neither a project, config-folder nor built-in task.
@@ -49,5 +56,6 @@ def task_manager_for(names: list[str], task_dirs: list[str] | tuple[str, ...] = 
         if name not in full.all_tasks:
             close = difflib.get_close_matches(name, full.all_tasks, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"unknown lm-eval task {name!r}{hint}")
+            where = next((f"{f}: " for f, n in (fields or {}).items() if n == name), "")
+            raise ConfigError(f"{where}unknown lm-eval task {name!r}{hint}")
     return full

@@ -57,8 +57,14 @@ def default_searched(method: str) -> dict[str, Bounds]:
     params = numeric_parameters(method)
     searched = {n: Bounds(min=0.0, max=1.0) for n, p in params.items() if p.required}
     if "density" in params and merge_methods.get(method).sparsification_method is not None:
-        searched["density"] = Bounds(min=0.1, max=1.0)
+        # DELLA samples keep-probabilities in density +/- epsilon, which must stay in (0, 1).
+        margin = _epsilon_default(method) + 0.01 if "epsilon" in params else 0.0
+        searched["density"] = Bounds(min=max(0.1, margin), max=1.0 - margin)
     return searched
+
+
+def _epsilon_default(method: str) -> float:
+    return float(numeric_parameters(method)["epsilon"].default or 0.0)
 
 
 class ParameterSpaceConfig(StrictModel):
@@ -118,6 +124,16 @@ class ParameterSpaceConfig(StrictModel):
                 )
             if name in ("density", "t") and (bounds.min < 0 or bounds.max > 1):
                 raise ValueError(f"parameters.{name}: range must lie within [0, 1]")
+        if "epsilon" in numeric and "density" in self.searched():
+            epsilon = self.searched()["epsilon"].max if "epsilon" in self.searched() else float(
+                self.method_parameters.get("epsilon", _epsilon_default(self.method))
+            )
+            density = self.searched()["density"]
+            if density.min - epsilon <= 0 or density.max + epsilon >= 1:
+                raise ValueError(
+                    f"parameters.density: {self.method} needs density +/- epsilon inside (0, 1); "
+                    f"with epsilon {epsilon} the range must lie within ({epsilon}, {1 - epsilon})"
+                )
         all_params = {p.name for p in method_spec(self.method).parameters}
         for name in self.method_parameters:
             if name not in all_params:
@@ -265,13 +281,11 @@ class ParameterSpace(SearchSpace):
         return MergeConfiguration.model_validate(data)
 
     def baselines(self) -> dict[str, MergeConfiguration]:
-        """``uniform``: the plain average of the merged models (linear, equal weights
-        summing to one); ``default``: the configured method as written by hand (weight 1
-        for every model, mergekit's defaults for everything else, 0.5 for other
-        required parameters such as slerp's ``t``)."""
-        averaged = [m for m in self.inputs if not (self.uses_base and m.name == self.sources.base.name)]
-        if len(averaged) < 2:
-            averaged = list(self.inputs)
+        """``uniform``: the plain average of every source, base included (linear, equal
+        weights summing to one); ``default``: the configured method as written by hand
+        (weight 1 for every model, mergekit's defaults for everything else, 0.5 for
+        other required parameters such as slerp's ``t``)."""
+        averaged = list(self.sources.models)
         uniform = MergeConfiguration.model_validate(
             {
                 "merge_method": "linear",
