@@ -68,6 +68,9 @@ class Builder:
         tokenizer_path: Model directory whose tokenizer every candidate uses.
         trust_remote_code: Passed to transformers and mergekit.
         scratch_dir: Where on-disk builds go (default: the system temp dir).
+        assembler: Optional post-build step with ``wrap(model) -> model`` and
+            ``save(text_dir, out_dir)`` (a :class:`~mergekit_evolve.vlm.VlmAssembler`
+            puts merged text decoders back into a vision-language model).
     """
 
     def __init__(
@@ -78,7 +81,9 @@ class Builder:
         tokenizer_path: str | None = None,
         trust_remote_code: bool = False,
         scratch_dir: str | None = None,
+        assembler: Any | None = None,
     ) -> None:
+        self.assembler = assembler
         self.dtype = dtype
         self.device = device
         self.in_memory = in_memory
@@ -109,24 +114,38 @@ class Builder:
         """
         start = time.perf_counter()
         use_memory = self.in_memory and self._fits_in_memory(config)
+        tokenizer = None
         try:
-            model = self._build_in_memory(config) if use_memory else self._build_on_disk(config)
+            if use_memory:
+                model = self._build_in_memory(config)
+            else:
+                model, tokenizer = self._build_on_disk(config)
+            if self.assembler is not None:
+                model = self.assembler.wrap(model)
         except BuildError:
             raise
         except torch.cuda.OutOfMemoryError as e:
             raise BuildError(f"out of memory while merging: {e}") from e
         except Exception as e:  # mergekit raises plain exceptions of many types
             raise BuildError(f"{type(e).__name__}: {e}") from e
-        return BuiltModel(model, self.tokenizer, time.perf_counter() - start, use_memory)
+        return BuiltModel(model, tokenizer or self.tokenizer, time.perf_counter() - start, use_memory)
 
     def save(self, config: MergeConfiguration, out_dir: str | Path) -> Path:
         """Writes the merged model (with tokenizer) to ``out_dir`` with ``run_merge``."""
         out_dir = Path(out_dir)
+        # With an assembler, the merged text model is written aside and then
+        # reassembled (e.g. into a VLM checkpoint) at out_dir.
+        text_dir = out_dir if self.assembler is None else Path(tempfile.mkdtemp(prefix="mergekit-evolve-", dir=self.scratch_dir))
         try:
-            run_merge(config, str(out_dir), options=self.options.model_copy(update={"copy_tokenizer": True}))
+            run_merge(config, str(text_dir), options=self.options.model_copy(update={"copy_tokenizer": True}))
+            if self.assembler is not None:
+                self.assembler.save(text_dir, out_dir)
         except Exception as e:
             shutil.rmtree(out_dir, ignore_errors=True)
             raise BuildError(f"{type(e).__name__}: {e}") from e
+        finally:
+            if text_dir != out_dir:
+                shutil.rmtree(text_dir, ignore_errors=True)
         return out_dir
 
     def load(self, path: str | Path) -> BuiltModel:
@@ -136,6 +155,8 @@ class Builder:
             str(path), dtype=TORCH_DTYPES[self.dtype], trust_remote_code=self.trust_remote_code
         ).to(self.device)
         model.eval()
+        if self.assembler is not None:
+            model = self.assembler.wrap(model)
         return BuiltModel(model, self.tokenizer, time.perf_counter() - start, False)
 
     @property
@@ -152,11 +173,12 @@ class Builder:
 
     @staticmethod
     def _fits_in_memory(config: MergeConfiguration) -> bool:
-        # A merged tokenizer ("union", added tokens) may change the vocabulary and
-        # permute embeddings: leave that to run_merge, which also writes the tokenizer.
+        # A "union" tokenizer or added tokens change the vocabulary size, which the
+        # preallocated model cannot know in advance: leave those to run_merge. Keeping
+        # one model's vocabulary (embeddings permuted into it) works in memory.
         source = config.tokenizer.source if config.tokenizer else config.tokenizer_source
         adds_tokens = bool(config.tokenizer and config.tokenizer.tokens)
-        return not adds_tokens and source in (None, "base")
+        return not adds_tokens and source != "union"
 
     def _build_in_memory(self, config: MergeConfiguration) -> transformers.PreTrainedModel:
         arch_info = get_architecture_info(config, self.options)
@@ -216,7 +238,9 @@ class Builder:
 
     # -- on disk ------------------------------------------------------------------
 
-    def _build_on_disk(self, config: MergeConfiguration) -> transformers.PreTrainedModel:
+    def _build_on_disk(self, config: MergeConfiguration) -> tuple[transformers.PreTrainedModel, Any]:
+        """Returns the model, and the merged tokenizer when the merge made one (a
+        ``union`` vocabulary, added tokens): the candidate must be scored with it."""
         tmp = Path(tempfile.mkdtemp(prefix="mergekit-evolve-", dir=self.scratch_dir))
         try:
             run_merge(config, str(tmp), options=self.options.model_copy(update={"copy_tokenizer": False}))
@@ -224,6 +248,11 @@ class Builder:
                 str(tmp), dtype=TORCH_DTYPES[self.dtype], trust_remote_code=self.trust_remote_code
             ).to(self.device)
             model.eval()
-            return model
+            tokenizer = None
+            if (tmp / "tokenizer_config.json").is_file():
+                tokenizer = transformers.AutoTokenizer.from_pretrained(
+                    str(tmp), trust_remote_code=self.trust_remote_code
+                )
+            return model, tokenizer
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

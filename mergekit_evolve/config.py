@@ -26,7 +26,9 @@ from pydantic import (
 from .errors import ConfigError
 from .spaces.dataflow import DataflowSpaceConfig
 from .spaces.param import ParameterSpaceConfig
+from .spaces.template import TemplateSpaceConfig, with_template_sources
 from .strict import StrictModel
+from .vlm import VlmConfig
 
 DTYPES = ("float32", "float16", "bfloat16")
 # "org/name": what a model on the Hugging Face hub looks like (and what a local path
@@ -287,6 +289,18 @@ class RunnerConfig(StrictModel):
     address: str | None = None
     cpus_per_worker: float = Field(default=1, gt=0)
 
+    @model_validator(mode="after")
+    def _check(self) -> RunnerConfig:
+        # Both settings mean nothing to the serial runner: a config that sets them
+        # almost certainly forgot `type: ray`, and would silently run on one core.
+        if self.type == "serial" and self.workers != 1:
+            raise ValueError(f"workers: {self.workers} workers need type: ray (the serial runner has one)")
+        if self.type == "serial" and self.address is not None:
+            raise ValueError("address: a Ray cluster address needs type: ray")
+        if self.address is not None and not self.address.strip():
+            raise ValueError("address: expected a Ray address such as 'auto' or 'ray://host:10001', got ''")
+        return self
+
 
 class OutputConfig(StrictModel):
     """Where results go.
@@ -307,8 +321,85 @@ class OutputConfig(StrictModel):
         return resolve_path(value, info)
 
 
+class HybridPsConfig(StrictModel):
+    """The parameter-space (PS) stage of a ``hybrid`` search: run here, or done before.
+
+    Give exactly one of ``from_run`` and ``space``.
+
+    Attributes:
+        from_run: A finished earlier run: its directory, or its ``best.yml``. Its
+            ``final/`` model is used when present, else ``best.yml`` is merged into
+            ``ps/final`` first.
+        space: A ``parameter`` space block: the PS stage is searched in this run,
+            in the run directory's ``ps/``.
+        optimizer: The PS stage's optimizer (default: the top-level ``optimizer``,
+            which always drives the DFS stage).
+
+    The PS stage merges every model of ``sources`` (with ``sources.base_model``).
+    """
+
+    from_run: str | None = None
+    space: ParameterSpaceConfig | None = None
+    optimizer: OptimizerConfig | None = None
+
+    @field_validator("from_run")
+    @classmethod
+    def _resolve(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return None if value is None else resolve_path(value, info)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> HybridPsConfig:
+        if (self.from_run is None) == (self.space is None):
+            raise ValueError("give either from_run (an earlier run) or space (a PS stage to run), not both or neither")
+        if self.from_run is not None and self.optimizer is not None:
+            raise ValueError("optimizer belongs to a PS stage run here (space), not to from_run")
+        return self
+
+
+class HybridSpaceConfig(StrictModel):
+    """The paper's PS+DFS: a data-flow search over a PS result and source models.
+
+    Run in two stages, each a normal run directory under ``output.dir``: ``ps/`` (when
+    the PS stage is searched here) and ``dfs/``; see ``mergekit_evolve/hybrid.py``.
+
+    Attributes:
+        type: ``"hybrid"``.
+        ps: Where the PS model comes from.
+        dfs: The ``dataflow`` space of the second stage. Its ``models`` (default: the PS
+            model, then every source except ``sources.base_model``) must start with the
+            PS model and ``init`` must be ``first_model``: the DFS search then starts
+            from the PS model itself, which is evaluated as its first candidate.
+        ps_name: The PS model's name among the DFS stage's sources.
+        min_gain: The DFS stage's best replaces the PS model only when its fitness
+            beats the PS model's (as scored in the DFS stage) by more than this;
+            otherwise the hybrid's result is the PS model. 0 (default) keeps the
+            fitter. Fitness on a finite set is noisy: an accuracy ``p`` on ``n`` items
+            has a standard error of ``sqrt(p * (1 - p) / n)``.
+    """
+
+    type: Literal["hybrid"] = "hybrid"
+    ps: HybridPsConfig
+    dfs: DataflowSpaceConfig = Field(default_factory=DataflowSpaceConfig)
+    ps_name: str = Field(default="ps", min_length=1)
+    min_gain: float = Field(default=0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _starts_from_ps(self) -> HybridSpaceConfig:
+        if self.dfs.init != "first_model":
+            raise ValueError(
+                "dfs.init: a hybrid starts from the PS model (init: first_model), got "
+                f"{self.dfs.init!r}"
+            )
+        if self.dfs.models is not None and self.dfs.models[0] != self.ps_name:
+            raise ValueError(
+                f"dfs.models: must start with the PS model {self.ps_name!r} (the search "
+                f"starts from its own layer stack), got {self.dfs.models}"
+            )
+        return self
+
+
 SpaceConfig = Annotated[
-    Union[ParameterSpaceConfig, DataflowSpaceConfig],
+    Union[ParameterSpaceConfig, DataflowSpaceConfig, HybridSpaceConfig, TemplateSpaceConfig],
     Field(discriminator="type"),
 ]
 
@@ -319,6 +410,8 @@ class RunConfig(StrictModel):
     name: str = "run"
     sources: SourcesConfig
     toy_zoo: ToyZooConfig | None = None
+    # Candidates are vision-language models (a LLaVA source's text decoder is merged).
+    vlm: VlmConfig | None = None
     space: SpaceConfig
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     fitness: FitnessConfig
@@ -388,6 +481,7 @@ def parse_config(data: Any, source: str, base_dir: str | Path | None) -> RunConf
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
     context = {"base_dir": str(base_dir)} if base_dir is not None else {}
+    data = with_template_sources(data, source, base_dir)  # a template space may omit sources
     try:
         return RunConfig.model_validate(data, context=context)
     except ValidationError as e:
@@ -396,6 +490,9 @@ def parse_config(data: Any, source: str, base_dir: str | Path | None) -> RunConf
 
 def load_config(path: str | Path) -> RunConfig:
     """Reads and validates a run config YAML (with ``yaml.safe_load``).
+
+    A config written for mergekit's deprecated ``mergekit-evolve`` (a top-level
+    ``genome:`` key) is converted first; see :mod:`mergekit_evolve.legacy`.
 
     Raises:
         ConfigError: the file is missing, is not YAML, or does not validate.
@@ -408,4 +505,7 @@ def load_config(path: str | Path) -> RunConfig:
     except yaml.YAMLError as e:
         first_line = str(e).splitlines()[0]
         raise ConfigError(f"{path}: not valid YAML: {first_line}") from None
+    from .legacy import convert_if_legacy
+
+    data = convert_if_legacy(data, source=str(path), base_dir=path.resolve().parent)  # mergekit's evo format
     return parse_config(data, source=str(path), base_dir=path.resolve().parent)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 from tqdm.auto import tqdm
 
@@ -56,6 +57,63 @@ def best_result(results: dict[int, Result]) -> Result | None:
     return max(ok, key=lambda r: (r.fitness, -r.index)) if ok else None
 
 
+def make_builder(config: RunConfig, sources: SourceSet) -> Builder:
+    """The builder a run's candidates are built with.
+
+    Args:
+        config: The run config.
+        sources: Its source models (the tokenizer comes from one of them).
+    """
+    tokenizer_model = config.sources.tokenizer_model()
+    tokenizer_path = sources.by_name(tokenizer_model).path if tokenizer_model else sources.models[0].path
+    return Builder(
+        dtype=config.dtype,
+        device="cuda" if config.builder.cuda else "cpu",
+        in_memory=config.builder.in_memory,
+        tokenizer_path=tokenizer_path,
+        trust_remote_code=config.sources.trust_remote_code,
+        assembler=_vlm_assembler(config, sources),
+    )
+
+
+def _vlm_assembler(config: RunConfig, sources: SourceSet):
+    """The post-build step that wraps merged text decoders into VLMs (VLM runs only)."""
+    if config.vlm is None:
+        return None
+    from .vlm import make_assembler
+
+    return make_assembler(config.vlm, sources, config.dtype, "cuda" if config.builder.cuda else "cpu")
+
+
+def make_worker(
+    config: RunConfig,
+    sources: SourceSet | None = None,
+    space: SearchSpace | None = None,
+    name: str | None = None,
+) -> Worker:
+    """A :class:`Worker` for a run config: in this process (serial runner) or inside
+    a Ray actor, which receives only the pickled config and sources.
+
+    Args:
+        config: The run config.
+        sources: Its source models (default: read from ``config.sources``; they must
+            exist by then).
+        space: The search space (default: made from ``config.space``).
+        name: The worker's name in ``history.jsonl`` (default: the host name).
+
+    Raises:
+        ConfigError: a source model or a fitness task cannot be loaded.
+    """
+    sources = sources if sources is not None else load_sources(config.sources)
+    if config.vlm is not None:
+        from .vlm import text_sources
+
+        sources = text_sources(config.vlm, sources)
+    space = space if space is not None else make_space(config.space, sources, config.dtype)
+    evaluator = Evaluator(config.fitness, config.fitness.task_dirs, multimodal=config.vlm is not None)
+    return Worker(space, make_builder(config, sources), evaluator, list(config.fitness.tasks), name=name)
+
+
 @dataclass
 class DryRun:
     """What ``--dry-run`` reports."""
@@ -78,16 +136,39 @@ class Evolution:
         progress: Show a progress bar on stderr.
         build_zoo: Build the toy zoo when the config asks for one and it is missing
             (off for dry runs).
+        planned_models: ``{path: config.json dict}`` of source models that do not
+            exist yet but will before the run (a hybrid's PS model, for dry runs).
 
     Raises:
         ConfigError: anything wrong with the config's models, space or tasks.
     """
 
-    def __init__(self, config: RunConfig, progress: bool = False, build_zoo: bool = True) -> None:
+    def __init__(
+        self,
+        config: RunConfig,
+        progress: bool = False,
+        build_zoo: bool = True,
+        planned_models: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
+        if config.space.type == "hybrid":
+            raise ConfigError("space.type: a hybrid runs in two stages; use mergekit_evolve.hybrid.HybridEvolution")
         self.config = config
         self.progress = progress
         self.run_dir = Path(config.output.dir)
-        self.sources: SourceSet = load_sources(config.sources, planned=self._prepare_zoo(build_zoo))
+        # Models that an earlier stage will write (a hybrid's PS model) are planned
+        # like the toy zoo: their config.json is known before they exist.
+        planned = {**self._prepare_zoo(build_zoo), **(planned_models or {})}
+        if config.vlm is not None:
+            from .vlm import plan_toy_vlm
+
+            planned.update(plan_toy_vlm(config.vlm, config.toy_zoo.dir if config.toy_zoo else None, build_zoo))
+        self.sources: SourceSet = load_sources(config.sources, planned=planned)
+        if config.vlm is not None:
+            # Spaces and mergekit see the VLM's text decoder (extracted once, cached)
+            # and vocabulary-aligned copies of the text sources; see vlm.py.
+            from .vlm import prepare_sources
+
+            self.sources = prepare_sources(config.vlm, self.sources, write=build_zoo)[0]
         self.space: SearchSpace = make_space(config.space, self.sources, config.dtype)
         self.optimizer: Optimizer = make_optimizer(
             config.optimizer, self.space.dim, self.space.x0(config.optimizer.x0)
@@ -116,9 +197,9 @@ class Evolution:
         """The search dimension and the first candidate's mergekit YAML; builds nothing."""
         state = RunState(config_hash=self.config.config_hash())
         self.optimizer.start(state)
-        first = self.optimizer.ask(state)[0]
-        merge_config = self.space.decode(first.genome)
-        return DryRun(self.space.dim, self.space.gene_names(), len(state.pending), merge_config.to_yaml())
+        first = np.asarray(self.optimizer.ask(state)[0].genome, dtype=float)
+        recipe = self.space.recipe_yaml(first, self.space.decode(first))
+        return DryRun(self.space.dim, self.space.gene_names(), len(state.pending), recipe)
 
     # -- the search -----------------------------------------------------------------
 
@@ -201,19 +282,10 @@ class Evolution:
         return state, History(run_dir)
 
     def _make_builder(self) -> Builder:
-        tokenizer_model = self.config.sources.tokenizer_model()
-        tokenizer_path = self.sources.by_name(tokenizer_model).path if tokenizer_model else self.sources.models[0].path
-        return Builder(
-            dtype=self.config.dtype,
-            device="cuda" if self.config.builder.cuda else "cpu",
-            in_memory=self.config.builder.in_memory,
-            tokenizer_path=tokenizer_path,
-            trust_remote_code=self.config.sources.trust_remote_code,
-        )
+        return make_builder(self.config, self.sources)
 
     def _make_worker(self) -> Worker:
-        evaluator = Evaluator(self.config.fitness, self.config.fitness.task_dirs)
-        return Worker(self.space, self._make_builder(), evaluator, list(self.config.fitness.tasks))
+        return make_worker(self.config, self.sources, self.space)
 
     def _make_runner(self, worker: Worker):
         if self.config.runner.type == "serial":
@@ -222,7 +294,11 @@ class Evolution:
             return SerialRunner(worker)
         from .runners.ray import RayRunner
 
-        return RayRunner(self, self.config.runner)
+        # Ray workers build their own Worker from the (picklable) config and sources;
+        # the local one still serves the held-out scoring after the search.
+        runner = RayRunner(self.config, self.sources)
+        self._runner_stats = runner.stats  # workers' idle fraction, for summary.json
+        return runner
 
     @staticmethod
     def _show_best(bar: tqdm, results: dict[int, Result]) -> None:
@@ -241,7 +317,9 @@ class Evolution:
         from mergekit.config import MergeConfiguration
 
         best_config = MergeConfiguration.model_validate(best.merge_config)
-        (self.run_dir / BEST_FILE).write_text(best_config.to_yaml(), encoding="utf-8")
+        # The space decides the text: a template space keeps the user's own file.
+        best_yaml = self.space.recipe_yaml(np.asarray(best.genome, dtype=float), best_config)
+        (self.run_dir / BEST_FILE).write_text(best_yaml, encoding="utf-8")
         heldout = self._heldout(best_config, worker.builder)
         if self.config.output.save_final:
             final = self.run_dir / FINAL_DIR
@@ -253,6 +331,8 @@ class Evolution:
         summary = report.summarize(
             self.config, self.space, ordered, best, heldout, wall_seconds=state.wall_seconds
         )
+        if getattr(self, "_runner_stats", None) is not None:
+            summary["runner"] = self._runner_stats()
         report.write_summary(summary, self.run_dir / SUMMARY_FILE)
         return summary
 
@@ -261,7 +341,7 @@ class Evolution:
         suite = self.config.heldout
         if not suite.tasks:
             return {}
-        evaluator = Evaluator(suite, self.config.fitness.task_dirs)
+        evaluator = Evaluator(suite, self.config.fitness.task_dirs, multimodal=self.config.vlm is not None)
 
         def score(built) -> dict[str, float]:
             return objective.scores(evaluator.evaluate(built.model, built.tokenizer).metrics, suite.tasks)

@@ -94,15 +94,54 @@ class CmaOptimizer(Optimizer):
         state.optimizer = {"es": pickle.dumps(es)}
 
     def _ask(self, state: RunState) -> np.ndarray:
-        es = pickle.loads(state.optimizer["es"])
+        es = _load_es(state.optimizer["es"])
         genomes = np.asarray(es.ask())
         state.optimizer = {"es": pickle.dumps(es)}
         return genomes
 
     def tell(self, state: RunState, candidates: Sequence[Candidate], fitness: Sequence[float]) -> None:
-        es = pickle.loads(state.optimizer["es"])
+        es = _load_es(state.optimizer["es"])
         es.tell([np.array(c.genome) for c in candidates], [-f for f in fitness])  # cma minimizes
         state.optimizer = {"es": pickle.dumps(es)}
+
+
+def _load_es(blob: bytes):
+    """Unpickles a ``cma`` object so that it behaves as in the process that pickled it.
+
+    ``cma`` remembers the solutions it handed out (to find their unbounded genotypes
+    again in ``tell``) in dicts keyed by ``hash(x.tobytes())``, and Python salts bytes
+    hashes per process. Unpickled in a new process (a resumed run), those keys no
+    longer match, ``tell`` falls back to inverting the bound transform, and the search
+    drifts off the uninterrupted run. Re-keying with this process's hash fixes that.
+    """
+    es = pickle.loads(blob)
+    for solutions in _solution_dicts(es):
+        _rekey(solutions)
+    return es
+
+
+def _solution_dicts(obj, depth: int = 0, seen: set[int] | None = None) -> list:
+    """Every ``cma`` SolutionDict reachable from ``obj`` (sent solutions, archives,
+    repaired solutions of the bound handling...)."""
+    from cma.utilities.utils import SolutionDict
+
+    seen = set() if seen is None else seen
+    if id(obj) in seen or depth > 3:
+        return []
+    seen.add(id(obj))
+    if isinstance(obj, SolutionDict):
+        return [obj]
+    found = []
+    for value in getattr(obj, "__dict__", {}).values():
+        found += _solution_dicts(value, depth + 1, seen)
+    return found
+
+
+def _rekey(solutions) -> None:
+    new_key = {old: solutions.key(x) for old, x in solutions._unhashed_keys.items()}
+    solutions.data = type(solutions.data)((new_key.get(k, k), v) for k, v in solutions.data.items())
+    solutions.data_with_same_key = {new_key.get(k, k): v for k, v in solutions.data_with_same_key.items()}
+    solutions._unhashed_keys = {new_key[k]: x for k, x in solutions._unhashed_keys.items()}
 
 
 @OPTIMIZERS.register("random")

@@ -38,6 +38,11 @@ class ModelInfo:
         return self.config.get("text_config") or self.config
 
     @property
+    def is_vlm(self) -> bool:
+        """A vision-language model (LLaVA-style): its text decoder is merged, see vlm.py."""
+        return "vision_config" in self.config and "text_config" in self.config
+
+    @property
     def num_layers(self) -> int:
         layers = self.text_config.get("num_hidden_layers")
         if not isinstance(layers, int):
@@ -77,10 +82,14 @@ class SourceSet:
     Attributes:
         models: Every source model, in config order (the base model included).
         base: The base model of task-vector methods, if any.
+        tokenizer_source: mergekit's ``tokenizer_source`` for merges of these models:
+            ``"union"``, the path of the model whose vocabulary the merge keeps, or
+            None (no tokenizer handling: every source shares one vocabulary).
     """
 
     models: tuple[ModelInfo, ...]
     base: ModelInfo | None = None
+    tokenizer_source: str | None = None
 
     @property
     def experts(self) -> tuple[ModelInfo, ...]:
@@ -103,12 +112,20 @@ class SourceSet:
 
 
 def resolve_model_path(path: str, is_hub_id: bool, model_root: str | None) -> str:
-    """A hub id ``org/name`` becomes ``model_root/name`` (or ``model_root/org/name``)
-    when that folder exists; anything else stays as it is."""
+    """A hub id ``org/name`` becomes ``model_root/name`` (or ``model_root/org/name``,
+    or a folder named ``name`` in any case) when that folder exists; anything else
+    stays as it is."""
     root = model_root or os.environ.get(MODEL_ROOT_ENV)
     if is_hub_id and root:
         for candidate in (Path(root) / path.split("/")[-1], Path(root) / path):
             if candidate.is_dir():
+                return str(candidate.resolve())
+        # The hub matches ids case-insensitively (GAIR/Abel-7B-002 = gair/abel-7b-002),
+        # and folders are often named in lower case.
+        wanted = path.split("/")[-1].lower()
+        folders = sorted(Path(root).iterdir()) if Path(root).is_dir() else []
+        for candidate in folders:
+            if candidate.is_dir() and candidate.name.lower() == wanted:
                 return str(candidate.resolve())
     return path
 
@@ -139,7 +156,15 @@ def load_sources(config, planned: dict[str, dict[str, Any]] | None = None) -> So
         else:
             infos.append(ModelInfo(spec.name, path, _hub_config(spec.name, path, i)))
     base = next((m for m in infos if m.name == config.base_model), None)
-    return SourceSet(models=tuple(infos), base=base)
+    return SourceSet(models=tuple(infos), base=base, tokenizer_source=_tokenizer_source(config, infos))
+
+
+def _tokenizer_source(config, infos: list[ModelInfo]) -> str | None:
+    # A path rather than mergekit's "base": it also works for methods without a base.
+    if config.tokenizer_source is None or config.tokenizer_source == "union":
+        return config.tokenizer_source
+    name = config.tokenizer_model()
+    return next(m.path for m in infos if m.name == name)
 
 
 def _hub_config(name: str, hub_id: str, index: int) -> dict[str, Any]:

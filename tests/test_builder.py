@@ -108,3 +108,27 @@ def test_deep_stack_builds_in_memory_with_a_new_depth(tiny_models):
         built.model.state_dict()["model.layers.2.self_attn.q_proj.weight"].numpy(),
         saved_tensors(tiny_models["b"])["model.layers.0.self_attn.q_proj.weight"].numpy(),
     )
+
+
+def test_a_union_vocabulary_builds_on_disk_with_its_own_tokenizer(tiny_models, tmp_path):
+    # Give model b two extra tokens: the union vocabulary is larger than any source's
+    # preallocated shape, so the build must go through run_merge and bring its tokenizer.
+    import transformers
+
+    extended = tmp_path / "b_extended"
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_models["b"])
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_models["b"])
+    tokenizer.add_tokens(["<x1>", "<x2>"])
+    model.resize_token_embeddings(len(tokenizer))
+    model.save_pretrained(extended)
+    tokenizer.save_pretrained(extended)
+    config = MergeConfiguration.model_validate(
+        {"merge_method": "linear", "dtype": "float32", "tokenizer_source": "union", "models": [
+            {"model": str(tiny_models["a"]), "parameters": {"weight": 0.5}},
+            {"model": str(extended), "parameters": {"weight": 0.5}},
+        ]}
+    )
+    built = Builder(dtype="float32", tokenizer_path=str(tiny_models["a"])).build(config)
+    assert not built.in_memory
+    assert len(built.tokenizer) == len(tokenizer)
+    assert built.model.get_input_embeddings().weight.shape[0] >= len(tokenizer)

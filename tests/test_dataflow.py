@@ -318,10 +318,26 @@ def test_factors_compound_and_split_slices(sources):
         assert params["scale"][0].value == pytest.approx(0.5)  # 1/2, kept after b->a
 
 
-def test_baselines_are_plain_stacks(sources):
-    base = _space(sources).baselines()
-    assert set(base) == {"a", "b"}
-    assert [s.sources[0].layer_range for s in base["b"].slices] == [(0, 4)]
+def test_uniform_baseline_needs_equal_depths(sources, tmp_path):
+    # a (3 layers) and b (4 layers): no average exists.
+    assert _space(sources).baselines() == {}
+    assert _space(sources, models=["b"]).baselines() == {}
+    twins = SourceSet(
+        models=(_write_config(tmp_path, "p"), _write_config(tmp_path, "q"))
+    )
+    (cfg,) = _space(twins).baselines().values()
+    assert cfg.merge_method == "linear"
+    assert [m.parameters["weight"] for m in cfg.models] == [0.5, 0.5]
+
+
+def test_x0_has_unit_scales_for_any_bounds(sources):
+    """x0 is the first model itself even when 1.0 is not the bounds' midpoint."""
+    space = _space(sources, scale_bounds=[0.5, 4.0])
+    assert space.decode_path(space.x0(0.5)) == space.identity_path("a")
+    cfg = space.decode(space.x0(0.3))
+    assert len(cfg.slices) == 1 and cfg.slices[0].sources[0].parameters is None
+    assert space.unit_of(1.0) == pytest.approx(1 / 3)
+    assert space.scale_of(space.unit_of(1.0)) == 1.0  # snapped: no scale parameter
 
 
 def _write_config(tmp_path, name, **overrides):
@@ -362,6 +378,68 @@ def test_unsupported_models(tmp_path):
     assert _space(SourceSet(models=(good, biased)), models=["good"]).dim == 3 * 2 + 1
 
 
+def test_vocab_mismatch_needs_tokenizer_source(tmp_path):
+    small = _write_config(tmp_path, "small")
+    big = _write_config(tmp_path, "big", vocab_size=VOCAB + 32)
+    with pytest.raises(UnsupportedModelError, match="vocab_size.*tokenizer_source"):
+        _space(SourceSet(models=(small, big)))
+    space = _space(SourceSet(models=(small, big)), tokenizer_source="small")
+    cfg = space.decode(space.x0())
+    assert cfg.tokenizer_source.model.path == small.path
+    with pytest.raises(ConfigError, match="tokenizer_source"):
+        _space(SourceSet(models=(small, big)), tokenizer_source="other")
+    # Only the vocabulary may differ.
+    wide = _write_config(tmp_path, "wide", vocab_size=VOCAB + 32, hidden_size=64)
+    with pytest.raises(UnsupportedModelError, match="hidden_size"):
+        _space(SourceSet(models=(small, wide)), tokenizer_source="small")
+
+
+@pytest.fixture(scope="module")
+def vocab_models(tmp_path_factory):
+    """Two tiny Llamas with tokenizers; ``big`` has 3 added tokens (like Abel 7B 002's
+    32032 rows against Shisa Gamma's 32000)."""
+    from mergekit_evolve.toy import make_tiny_random_llama
+
+    root = tmp_path_factory.mktemp("vocab_models")
+    small = make_tiny_random_llama(root / "small", seed=11)
+    big = make_tiny_random_llama(root / "big", seed=12)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(big)
+    tokenizer.add_tokens(["<x1>", "<x2>", "<x3>"])
+    model = transformers.AutoModelForCausalLM.from_pretrained(big)
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    model.save_pretrained(big)
+    tokenizer.save_pretrained(big)
+    # The toy init (std 0.02) gives mean(h^2) ~ 4e-4: with the default eps 1e-6 the
+    # folding error (see the module docstring) would be ~1e-3; eps 1e-8 as above.
+    for path in (small, big):
+        config = json.loads((path / "config.json").read_text())
+        (path / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-8}))
+    return {"small": str(small), "big": str(big)}
+
+
+def test_tokenizer_source_export_is_exact(vocab_models, tmp_path):
+    """With differing vocabularies, mergekit re-indexes embeddings and head onto the
+    tokenizer source's vocabulary; the layers and the folded scales are untouched."""
+    infos = tuple(read_model_info(n, p) for n, p in vocab_models.items())
+    space = _space(SourceSet(models=infos), tokenizer_source="small")
+    x = _genome(space, [(0, "big", 0), (1, "small", 1), (1, "big", 1)], seed=5)
+    path = space.decode_path(x)
+    loaded = {
+        n: transformers.AutoModelForCausalLM.from_pretrained(
+            p, dtype=torch.float32
+        ).eval()
+        for n, p in vocab_models.items()
+    }
+    vocab = loaded["small"].config.vocab_size
+    assert loaded["big"].config.vocab_size == vocab + 3
+    ids = torch.randint(0, vocab, (2, 10), generator=torch.Generator().manual_seed(5))
+    # Embeddings and head of "big" (path start and end), truncated to the shared ids.
+    want = _reference_logits(loaded, path, ("big", "big"), ids)[..., :vocab]
+    got, out_config = _merged_logits(space.decode(x), tmp_path / "out", ids)
+    assert out_config.vocab_size == vocab
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=1e-4)
+
+
 def test_config_validation(sources):
     from pydantic import ValidationError
 
@@ -377,3 +455,59 @@ def test_config_validation(sources):
         _space(sources, models=["a", "c"])
     with pytest.raises(ConfigError, match="embeddings_from"):
         _space(sources, embeddings_from="c")
+
+
+def test_toy_dfs_best_reproduces_with_mergekit_yaml(toy_zoo, write_config, tmp_path):
+    """A short DFS run on the toy zoo: its best has a new depth, loads without custom
+    code, and ``mergekit-yaml best.yml OUT`` rebuilds a model with its held-out score."""
+    from click.testing import CliRunner
+    from conftest import tiny_config
+    from mergekit.scripts.run_yaml import main as mergekit_yaml
+
+    from mergekit_evolve import objective
+    from mergekit_evolve.config import load_config
+    from mergekit_evolve.evaluator import Evaluator
+    from mergekit_evolve.loop import Evolution
+
+    run_dir = tmp_path / "run"
+    config = tiny_config(
+        {name: toy_zoo[name] for name in ("base", "math", "ja")},
+        run_dir,
+        # init center: x0 keeps no slot, and the random optimizer's first candidate
+        # is x0, so the run also records an empty path as a failed candidate.
+        space={
+            "type": "dataflow",
+            "models": ["math", "ja"],
+            "repeats": 1,
+            "init": "center",
+        },
+        optimizer={"type": "random", "population": 6, "max_evals": 6, "seed": 1},
+    )
+    config["output"]["save_final"] = True
+    config = load_config(write_config(config))
+    evolution = Evolution(config)
+    summary = evolution.run()
+    history = [json.loads(line) for line in (run_dir / "history.jsonl").open()]
+    assert history[0]["status"] == "failed"
+    assert history[0]["error"].startswith("InvalidGenomeError")
+    assert summary["failed"] == 1
+
+    best = history[summary["fitness"]["best_index"]]
+    depth = len(evolution.space.decode_path(np.array(best["genome"])))
+    assert depth != 4  # the sources' depth
+
+    out = tmp_path / "rebuilt"
+    result = CliRunner().invoke(mergekit_yaml, [str(run_dir / "best.yml"), str(out)])
+    assert result.exit_code == 0, result.output
+    for model_dir in (run_dir / "final", out):  # the rebuilt one is scored below
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=torch.float32
+        )  # trust_remote_code is off: a plain LlamaForCausalLM
+        assert type(model).__name__ == "LlamaForCausalLM"
+        assert model.config.num_hidden_layers == depth
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    evaluator = Evaluator(config.heldout, config.fitness.task_dirs)
+    scored = evaluator.evaluate(model.eval(), tokenizer)
+    rebuilt = objective.scores(scored.metrics, config.heldout.tasks)
+    assert rebuilt == pytest.approx(summary["heldout"]["best"], abs=1e-9)
+    assert set(summary["heldout"]["baselines"]) == {"uniform"}

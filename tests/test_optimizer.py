@@ -90,3 +90,44 @@ def test_random_search_starts_at_x0():
 def test_cma_needs_two_genes():
     with pytest.raises(ConfigError, match="optimizer.type"):
         make_optimizer(OptimizerConfig(type="cma"), 1, np.array([0.5]))
+
+
+RESUME_SCRIPT = """
+import pickle, sys
+import numpy as np
+from mergekit_evolve.config import OptimizerConfig
+from mergekit_evolve.optimizer import _load_es, make_optimizer
+from mergekit_evolve.state import RunState
+mode, path = sys.argv[1], sys.argv[2]
+if mode == "ask":
+    opt = make_optimizer(OptimizerConfig(type="cma", population=8), 5, np.full(5, 0.5))
+    state = RunState(config_hash="x")
+    opt.start(state)
+    asked = opt.ask(state)
+    pickle.dump((state, asked), open(path, "wb"))
+else:
+    state, asked = pickle.load(open(path, "rb"))
+    es = _load_es(state.optimizer["es"])
+    print(sum(np.array(c.genome) in es.sent_solutions for c in asked))
+"""
+
+
+def test_cma_remembers_its_solutions_in_another_process(tmp_path):
+    # cma keys the solutions it handed out by hash(x.tobytes()), which Python salts per
+    # process; tell() needs them to recover each solution's unbounded genotype. After a
+    # resume (a new process) every asked solution must still be found.
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "resume.py"
+    script.write_text(RESUME_SCRIPT)
+    state = tmp_path / "state.pkl"
+
+    def call(mode: str, hash_seed: str) -> str:
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        return subprocess.run([sys.executable, str(script), mode, str(state)], env=env, check=True,
+                              capture_output=True, text=True).stdout.strip()
+
+    call("ask", "1")
+    assert call("tell", "2") == "8"

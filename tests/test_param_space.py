@@ -151,3 +151,30 @@ def test_della_density_range_leaves_room_for_epsilon(tiny_models):
     assert min(densities) > 0.15
     with pytest.raises(ValueError, match="parameters.density: della needs density"):
         ParameterSpaceConfig(type="parameter", method="della", parameters={"weight": [0, 1], "density": [0.1, 1.0]})
+
+
+def test_tokenizer_source_reaches_the_merge_config(tiny_models, tmp_path):
+    from mergekit_evolve.config import parse_config
+    from mergekit_evolve.sources import load_sources
+    from conftest import tiny_config
+
+    def decoded(tokenizer_source):
+        data = tiny_config(tiny_models, tmp_path / "run")
+        data["sources"]["tokenizer_source"] = tokenizer_source
+        config = parse_config(data, "c.yml", tmp_path)
+        space = make_space(config.space, load_sources(config.sources), config.dtype)
+        return space.decode(np.full(space.dim, 0.5)), space.baselines()["uniform"]
+
+    def source_path(config):
+        return config.tokenizer_source.model.path  # a mergekit ModelReference
+
+    config, uniform = decoded("base")
+    assert source_path(config) == source_path(uniform) == str(tiny_models["base"])
+    assert source_path(decoded("b")[0]) == str(tiny_models["b"])
+    assert decoded(None)[0].tokenizer_source is None
+    # Keeping one model's vocabulary still builds in memory, and gives the same model.
+    with_tok = Builder(dtype="float32", tokenizer_path=str(tiny_models["base"])).build(config)
+    plain = Builder(dtype="float32", tokenizer_path=str(tiny_models["base"])).build(decoded(None)[0])
+    assert with_tok.in_memory
+    ids = torch_ids()
+    assert (with_tok.model(ids).logits == plain.model(ids).logits).all()

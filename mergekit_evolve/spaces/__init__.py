@@ -7,8 +7,9 @@ from ..sources import SourceSet
 from .base import SPACES, SearchSpace, register_space
 from .dataflow import DataflowSpace, DataflowSpaceConfig
 from .param import ParameterSpace, ParameterSpaceConfig
+from .template import TemplateSpace, TemplateSpaceConfig
 
-__all__ = ["SPACES", "SearchSpace", "register_space", "ParameterSpace", "ParameterSpaceConfig", "DataflowSpace", "DataflowSpaceConfig", "make_space"]
+__all__ = ["SPACES", "SearchSpace", "register_space", "ParameterSpace", "ParameterSpaceConfig", "DataflowSpace", "DataflowSpaceConfig", "TemplateSpace", "TemplateSpaceConfig", "make_space"]
 
 
 def make_space(config, sources: SourceSet, dtype: str | None = None) -> SearchSpace:

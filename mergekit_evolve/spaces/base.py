@@ -77,6 +77,14 @@ class SearchSpace(ABC):
         """Hand-written merges the best candidate is compared with (may be empty)."""
         return {}
 
+    def recipe_yaml(self, x: np.ndarray, merge_config: MergeConfiguration) -> str:
+        """The mergekit YAML written as a run's ``best.yml`` for genome ``x``.
+
+        The default dumps ``merge_config`` (``decode(x)``); a space that starts from
+        the user's own YAML (``template``) returns that text with its values filled in.
+        """
+        return merge_config.to_yaml()
+
     @staticmethod
     def check_genome(x: np.ndarray, dim: int) -> np.ndarray:
         x = np.asarray(x, dtype=float)

@@ -25,6 +25,16 @@ first block, whose input is the embeddings), block ``p`` is exported with
 norm, the folded model behaves like the reference with ``eps / (prod a)^2``, a relative
 difference of order ``eps / mean(h^2)``. ``tests/test_dataflow.py`` checks the logits of
 merged checkpoints against a reference that scales the hidden state with forward hooks.
+
+A genome that keeps no slot encodes no network. :meth:`DataflowSpace.decode` raises
+:class:`~mergekit_evolve.errors.InvalidGenomeError` for it, and the runner records the
+candidate as failed with the failure penalty (below the worst fitness seen so far,
+see ``loop.failure_penalty``), so CMA-ES moves away from empty paths.
+
+Models whose vocabularies differ (Abel 7B 002 has 32032 rows, Shisa Gamma 7B v1 32000)
+need ``tokenizer_source``: mergekit then re-indexes every embedding and ``lm_head`` onto
+that model's tokenizer (rows of tokens both tokenizers share are copied unchanged), so
+the layers, and Eq. 1, are untouched.
 """
 
 from __future__ import annotations
@@ -112,6 +122,13 @@ class DataflowSpaceConfig(StrictModel):
             stack (its indicator genes at ``0.5 + 0.25``, all others at ``0.25``, scales
             at 1.0). ``"center"``: ``x0 = 0.5`` everywhere (Optuna's default mean, as in
             the paper); its mean keeps no slot, but samples around it keep about half.
+        tokenizer_source: A source model name (any source, taking part or not) whose
+            tokenizer and vocabulary the merged model gets; written as mergekit's
+            ``tokenizer_source``, which re-indexes every model's embeddings and
+            ``lm_head`` onto it. Required when the models taking part differ in
+            ``vocab_size``; default: none (the vocabularies must then agree). Use the
+            same model as ``sources.tokenizer_source``, whose tokenizer the evaluation
+            uses. Candidates with it are built on disk (mergekit writes the tokenizer).
     """
 
     type: Literal["dataflow"] = "dataflow"
@@ -122,6 +139,7 @@ class DataflowSpaceConfig(StrictModel):
     embeddings_from: str = "path"
     models: list[str] | None = None
     init: Literal["first_model", "center"] = "first_model"
+    tokenizer_source: str | None = None
 
     @field_validator("scale_bounds")
     @classmethod
@@ -147,6 +165,8 @@ class DataflowSpaceConfig(StrictModel):
     def _nonempty_name(self) -> DataflowSpaceConfig:
         if not self.embeddings_from:
             raise ValueError('embeddings_from must be "path" or a model name, got ""')
+        if self.tokenizer_source == "":
+            raise ValueError('tokenizer_source must be a model name or null, got ""')
         return self
 
 
@@ -189,7 +209,8 @@ class DataflowSpace(SearchSpace):
         dtype: The dtype written into every decoded configuration.
 
     Raises:
-        ConfigError: when ``models`` or ``embeddings_from`` names an unknown model.
+        ConfigError: when ``models``, ``embeddings_from`` or ``tokenizer_source``
+            names an unknown model.
         UnsupportedModelError: when a model taking part is not a supported pre-norm
             architecture, has biases on its output projections, or disagrees with the
             others on shapes or block semantics.
@@ -217,10 +238,22 @@ class DataflowSpace(SearchSpace):
                     f"got {config.embeddings_from!r}"
                 )
             self.io_model = sources.by_name(config.embeddings_from)
+        self.tokenizer_model: ModelInfo | None = None
+        if config.tokenizer_source is not None:
+            if config.tokenizer_source not in known:
+                raise ConfigError(
+                    f"space.tokenizer_source: expected one of {known}, "
+                    f"got {config.tokenizer_source!r}"
+                )
+            self.tokenizer_model = sources.by_name(config.tokenizer_source)
         involved = self.models + ((self.io_model,) if self.io_model else ())
         for info in involved:
             check_supported(info)
-        check_compatible(involved)
+        # With a tokenizer source mergekit re-indexes embeddings and heads onto its
+        # vocabulary, so only the vocabulary sizes may then differ.
+        check_compatible(
+            involved, ignore=("vocab_size",) if self.tokenizer_model else ()
+        )
         # The layout: (model index, layer) for each of the M distinct source layers.
         self.layers: list[tuple[int, int]] = [
             (mi, li) for mi, m in enumerate(self.models) for li in range(m.num_layers)
@@ -252,17 +285,31 @@ class DataflowSpace(SearchSpace):
         return names
 
     def x0(self, value: float = 0.5) -> np.ndarray:
+        """With ``init: first_model``, the first model's own stack with every scale at
+        1.0 (the nearest bound when 1.0 is outside ``scale_bounds``); with ``center``,
+        ``value`` everywhere."""
         x = np.full(self.dim, value)
         if self.config.init == "first_model":
             x[: self.num_slots] = 0.5 - INIT_MARGIN
             first = [k for k, (mi, _) in enumerate(self.layers) if mi == 0]
             x[first] = 0.5 + INIT_MARGIN
+            x[self.num_slots :] = self.unit_of(1.0)
         return x
 
     def scale_of(self, unit: float) -> float:
-        """Maps a scaling gene in ``[0, 1]`` geometrically onto ``scale_bounds``."""
+        """Maps a scaling gene in ``[0, 1]`` geometrically onto ``scale_bounds``.
+
+        Values within 1e-12 of 1.0 are returned as exactly 1.0, so that a gene meant
+        as "no scaling" exports no ``scale`` parameter and leaves slices merged.
+        """
         lo, hi = self.config.scale_bounds.min, self.config.scale_bounds.max
-        return float(lo * (hi / lo) ** float(unit))
+        scale = float(lo * (hi / lo) ** float(unit))
+        return 1.0 if abs(scale - 1.0) < 1e-12 else scale
+
+    def unit_of(self, scale: float) -> float:
+        """The gene value whose scale is ``scale`` (clipped to ``scale_bounds``)."""
+        lo, hi = self.config.scale_bounds.min, self.config.scale_bounds.max
+        return float(np.clip(np.log(scale / lo) / np.log(hi / lo), 0.0, 1.0))
 
     def describe(self, x: np.ndarray) -> dict[str, float]:
         """Indicator genes as ``I_t = x - 0.5`` (kept when > 0), scales in real units."""
@@ -361,6 +408,8 @@ class DataflowSpace(SearchSpace):
     def _finish(self, cfg: dict[str, Any]) -> MergeConfiguration:
         if self.dtype is not None:
             cfg["dtype"] = self.dtype
+        if self.tokenizer_model is not None:
+            cfg["tokenizer_source"] = self.tokenizer_model.path
         return MergeConfiguration.model_validate(cfg)
 
     def _passthrough(self, runs: list[dict[str, Any]]) -> MergeConfiguration:
@@ -418,16 +467,32 @@ class DataflowSpace(SearchSpace):
     # -- baselines ----------------------------------------------------------------
 
     def baselines(self) -> dict[str, MergeConfiguration]:
-        """Each model taking part, as its own unscaled layer stack."""
-        return {
-            m.name: self.export_path(
-                [
-                    PathStep(model=m.name, layer=li, scale=1.0)
-                    for li in range(m.num_layers)
-                ]
-            )
-            for m in self.models
+        """``uniform``: the plain average (``linear``, equal weights summing to one)
+        of the models taking part, when there are at least two and they have one
+        depth; otherwise none.
+
+        Each model's own unscaled stack is not a baseline: it is that model, which
+        the held-out suite already scores as a source (``test_dataflow.py`` checks
+        that the export is exact).
+        """
+        depths = {m.num_layers for m in self.models}
+        if len(self.models) < 2 or len(depths) != 1:
+            return {}
+        weight = 1.0 / len(self.models)
+        cfg: dict[str, Any] = {
+            "merge_method": "linear",
+            "models": [
+                {"model": m.path, "parameters": {"weight": weight}} for m in self.models
+            ],
         }
+        return {"uniform": self._finish(cfg)}
+
+    def identity_path(self, name: str) -> list[PathStep]:
+        """The path that is model ``name`` itself: its layers in order, scales 1."""
+        info = self.sources.by_name(name)
+        return [
+            PathStep(model=name, layer=li, scale=1.0) for li in range(info.num_layers)
+        ]
 
 
 def check_supported(info: ModelInfo) -> None:
@@ -455,8 +520,14 @@ def check_supported(info: ModelInfo) -> None:
         )
 
 
-def check_compatible(models: tuple[ModelInfo, ...]) -> None:
+def check_compatible(
+    models: tuple[ModelInfo, ...], ignore: tuple[str, ...] = ()
+) -> None:
     """Checks that the models agree on the keys of :data:`SHARED_CONFIG_KEYS` they have.
+
+    Args:
+        models: The models taking part.
+        ignore: Keys allowed to differ (``vocab_size`` with a tokenizer source).
 
     Raises:
         UnsupportedModelError: naming the first key on which they differ.
@@ -464,6 +535,8 @@ def check_compatible(models: tuple[ModelInfo, ...]) -> None:
     first = models[0]
     for other in models[1:]:
         for key in SHARED_CONFIG_KEYS:
+            if key in ignore:
+                continue
             # A key only one config has is skipped: configs saved by different
             # transformers versions spell some settings differently (rope_theta vs
             # rope_parameters), and a missing key means the class default.
@@ -471,8 +544,14 @@ def check_compatible(models: tuple[ModelInfo, ...]) -> None:
                 continue
             a, b = first.config[key], other.config[key]
             if a != b:
+                hint = (
+                    "; set space.tokenizer_source to the model whose tokenizer the "
+                    "merge should use"
+                    if key == "vocab_size"
+                    else ""
+                )
                 raise UnsupportedModelError(
                     f"models {first.name!r} and {other.name!r} differ in {key} "
                     f"({a!r} vs {b!r}); the dataflow space stacks layers of models "
-                    f"with one config"
+                    f"with one config{hint}"
                 )

@@ -276,8 +276,14 @@ class ParameterSpace(SearchSpace):
             data["base_model"] = self.sources.base.path
         if parameters:
             data["parameters"] = parameters
+        return self._finish_config(data)
+
+    def _finish_config(self, data: dict[str, Any]) -> MergeConfiguration:
+        """Adds the run-wide settings (dtype, tokenizer) every decoded config carries."""
         if self.dtype:
             data["dtype"] = self.dtype
+        if self.sources.tokenizer_source:
+            data["tokenizer_source"] = self.sources.tokenizer_source
         return MergeConfiguration.model_validate(data)
 
     def baselines(self) -> dict[str, MergeConfiguration]:
@@ -286,11 +292,10 @@ class ParameterSpace(SearchSpace):
         (weight 1 for every model, mergekit's defaults for everything else, 0.5 for
         other required parameters such as slerp's ``t``)."""
         averaged = list(self.sources.models)
-        uniform = MergeConfiguration.model_validate(
+        uniform = self._finish_config(
             {
                 "merge_method": "linear",
                 "models": [{"model": m.path, "parameters": {"weight": 1 / len(averaged)}} for m in averaged],
-                **({"dtype": self.dtype} if self.dtype else {}),
             }
         )
         required = [p for p in self._spec.parameters if p.required]

@@ -1,0 +1,566 @@
+"""The paper's PS+DFS hybrid: a data-flow search over the result of a parameter search.
+
+Akiba et al. (2024), Sec. 3.3: first merge in parameter space (PS), then search data
+flow (DFS) over the PS model together with source models. A ``space: {type: hybrid}``
+config runs both stages in one run directory, each stage a normal run directory
+driven by :class:`~mergekit_evolve.loop.Evolution`::
+
+    <output.dir>/
+      config.yml      the hybrid config as validated
+      ps/             the PS stage (absent with ``ps.from_run``): history, best.yml, final/
+      dfs/            the DFS stage over ps/final (or the earlier run's final/) and sources
+      hybrid.json     which PS model the DFS stage started from (its best.yml digest)
+      best.yml        the result's recipe: the DFS stage's best (a passthrough config),
+                      or the PS best when the DFS stage did not beat it by min_gain
+      summary.json    the final stage's summary; held-out rows: sources, baselines,
+                      the PS best, the DFS stage's best and the hybrid's result
+
+Resuming (``--resume``) continues whichever stage was running: the PS stage if it has
+not spent its budget, else the DFS stage. The DFS stage may not outlive its PS model:
+raising the PS budget after the DFS stage started is refused, because the PS model the
+DFS candidates were built from would change under them.
+
+The DFS stage can only improve the fitness: its layout starts with the PS model and
+``init: first_model`` puts the search mean ``x0`` on the PS model's own layer stack with
+unit scales, and :class:`X0FirstOptimizer` makes that genome the run's first candidate
+(index 0), so the PS model is scored in the DFS stage like any candidate. The hybrid's
+result is the DFS stage's best when its fitness beats the PS model's by more than
+``min_gain`` (default 0), else the PS model itself. Held-out scores can still drop: a
+candidate fitter on the fitness set may generalize worse. That is reported
+(``stages``/``dfs_vs_ps`` in ``summary.json``, the held-out rows of both stages, and a
+warning), not hidden: choosing by held-out scores would make them no longer held out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from . import report
+from .config import HybridSpaceConfig, RunConfig, parse_config
+from .errors import ConfigError, MergekitEvolveError, ResumeError
+from .loop import (
+    BEST_FILE,
+    CONFIG_FILE,
+    FINAL_DIR,
+    SUMMARY_FILE,
+    DryRun,
+    Evolution,
+    make_builder,
+)
+from .optimizer import Optimizer
+from .sources import read_model_info, resolve_model_path
+from .state import Candidate, History, RunState, load_state
+
+logger = logging.getLogger(__name__)
+
+PS_DIR = "ps"
+DFS_DIR = "dfs"
+MANIFEST_FILE = "hybrid.json"
+
+
+class X0FirstOptimizer(Optimizer):
+    """Wraps an optimizer so that the run's first candidate is ``x0`` itself.
+
+    CMA-ES samples around its mean and never evaluates it. Replacing the first sample
+    of the first generation by the mean is harmless to the update: at generation 0 the
+    mean is ``x0``, so that candidate is a zero step (``(x - m) / sigma = 0``).
+
+    Args:
+        inner: The optimizer that proposes everything else.
+    """
+
+    def __init__(self, inner: Optimizer) -> None:
+        super().__init__(inner.config, inner.dim, inner.x0)
+        self.inner = inner
+
+    def population(self) -> int:
+        return self.inner.population()
+
+    def start(self, state: RunState) -> None:
+        self.inner.start(state)
+
+    def _ask(self, state: RunState) -> np.ndarray:
+        genomes = np.array(self.inner._ask(state), dtype=float)
+        if state.asked == 0:
+            genomes[0] = self.x0
+        return genomes
+
+    def tell(
+        self, state: RunState, candidates: Sequence[Candidate], fitness: Sequence[float]
+    ) -> None:
+        self.inner.tell(state, candidates, fitness)
+
+
+def planned_model_config(
+    merge_config, configs: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    """The ``config.json`` that merging ``merge_config`` will write, before it exists.
+
+    mergekit copies the base model's config (else a referenced model's; we take the
+    first one named, which agrees with the others on everything a merge requires),
+    sets the depth of a layer stack, and the vocabulary size of a tokenizer source.
+
+    Args:
+        merge_config: A mergekit ``MergeConfiguration``.
+        configs: ``config.json`` of every model it names, by path.
+
+    Raises:
+        ConfigError: a model it names has no known config.
+    """
+
+    def config_of(reference) -> dict[str, Any]:
+        path = reference.model.path
+        if path not in configs:
+            raise ConfigError(f"no config.json known for {path}")
+        return configs[path]
+
+    if merge_config.base_model is not None:
+        donor = merge_config.base_model
+    elif merge_config.models:
+        donor = merge_config.models[0].model
+    else:
+        donor = merge_config.slices[0].sources[0].model
+    planned = json.loads(json.dumps(config_of(donor)))  # a deep copy
+    if merge_config.slices:
+        depth = sum(
+            s.sources[0].layer_range[1] - s.sources[0].layer_range[0]
+            for s in merge_config.slices
+        )
+        planned["num_hidden_layers"] = depth
+    tokenizer = (
+        merge_config.tokenizer.source
+        if merge_config.tokenizer
+        else merge_config.tokenizer_source
+    )
+    if tokenizer is not None and not isinstance(
+        tokenizer, str
+    ):  # a model, not base/union
+        planned["vocab_size"] = config_of(tokenizer)["vocab_size"]
+    return planned
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+@contextmanager
+def _prefix_errors(prefix: str) -> Iterator[None]:
+    """Makes a stage's ``space.*`` config errors name the hybrid's sub-block
+    (``space.dfs.models: ...``), which is where the user wrote it."""
+    try:
+        yield
+    except ConfigError as e:
+        message = str(e)
+        if not message.startswith("space."):
+            raise
+        raise type(e)(prefix + message.removeprefix("space.")) from None
+
+
+class HybridEvolution:
+    """Runs a ``hybrid`` config: the PS stage (if searched here), then the DFS stage.
+
+    Constructing it validates both stages, as :class:`Evolution` does for one; the PS
+    model, which does not exist yet, is planned from the PS stage's first candidate.
+
+    Args:
+        config: A validated run config whose space is ``hybrid``.
+        progress: Show progress bars.
+        build_zoo: Build the toy zoo when asked for and missing (off for dry runs).
+
+    Raises:
+        ConfigError: anything wrong with either stage.
+    """
+
+    def __init__(
+        self, config: RunConfig, progress: bool = False, build_zoo: bool = True
+    ) -> None:
+        if not isinstance(config.space, HybridSpaceConfig):
+            raise ConfigError(
+                f"space.type: expected 'hybrid', got {config.space.type!r}"
+            )
+        self.config = config
+        self.hybrid: HybridSpaceConfig = config.space
+        self.progress = progress
+        self.build_zoo = build_zoo
+        self.run_dir = Path(config.output.dir)
+        names = [m.name for m in config.sources.models]
+        if self.hybrid.ps_name in names:
+            raise ConfigError(
+                f"space.ps_name: {self.hybrid.ps_name!r} is also a source model's name; choose another"
+            )
+        self.ps_evolution: Evolution | None = None
+        if self.hybrid.ps.space is not None:
+            self.ps_config = self._ps_stage_config()
+            with _prefix_errors("space.ps.space."):
+                self.ps_evolution = Evolution(
+                    self.ps_config, progress=progress, build_zoo=build_zoo
+                )
+            self.ps_best_file = self.run_dir / PS_DIR / BEST_FILE
+            self.ps_path = self.run_dir.resolve() / PS_DIR / FINAL_DIR
+        else:
+            self.ps_best_file, self.ps_path = self._from_run()
+        # The PS search's held-out rows (sources, baselines, best) come from its
+        # summary; only without one does the DFS stage score the sources itself.
+        self.ps_summary_file = self.ps_best_file.parent / SUMMARY_FILE
+        self.ps_scores_sources = (
+            self.ps_evolution is not None or self._ps_heldout() is not None
+        )
+        self.dfs_config = self._dfs_stage_config()
+        self.dfs_evolution = self._make_dfs_evolution(planned=self._planned_ps())
+
+    # -- stage configs --------------------------------------------------------------
+
+    def _stage_data(self, stage: str) -> dict[str, Any]:
+        data = self.config.model_dump(mode="python")
+        data["name"] = f"{self.config.name}/{stage}"
+        data["output"] = {**data["output"], "dir": str(self.run_dir / stage)}
+        return data
+
+    def _ps_stage_config(self) -> RunConfig:
+        ps = self.hybrid.ps
+        data = self._stage_data(PS_DIR)
+        data["space"] = ps.space.model_dump(mode="python")
+        data["optimizer"] = (ps.optimizer or self.config.optimizer).model_dump(
+            mode="python"
+        )
+        data["output"]["save_final"] = True  # the DFS stage's source
+        with _prefix_errors("space.ps."):
+            return parse_config(
+                data, source=f"{self.config.name} (PS stage)", base_dir=None
+            )
+
+    def _dfs_stage_config(self) -> RunConfig:
+        data = self._stage_data(DFS_DIR)
+        sources = self.config.sources
+        # The PS model goes last so that source indices in messages stay the config's.
+        data["sources"]["models"].append(
+            {"name": self.hybrid.ps_name, "path": str(self.ps_path)}
+        )
+        dfs = self.hybrid.dfs.model_dump(mode="python")
+        if dfs["models"] is None:
+            dfs["models"] = [self.hybrid.ps_name] + [
+                m.name for m in sources.models if m.name != sources.base_model
+            ]
+        data["space"] = dfs
+        # Sources and baselines are scored once, by the PS search; the data-flow
+        # space's own baseline (an average of the PS model and the others) is no row
+        # of the hybrid's table.
+        heldout = data["heldout"]
+        data["heldout"] = {
+            **heldout,
+            "sources": heldout["sources"] and not self.ps_scores_sources,
+            "baselines": False,
+        }
+        with _prefix_errors("space.dfs."):
+            return parse_config(
+                data, source=f"{self.config.name} (DFS stage)", base_dir=None
+            )
+
+    def _from_run(self) -> tuple[Path, Path]:
+        """``best.yml`` of the earlier run, and where its model is (or will be)."""
+        given = Path(self.hybrid.ps.from_run)
+        best = given / BEST_FILE if given.is_dir() else given
+        if not best.is_file():
+            raise ConfigError(
+                f"space.ps.from_run: {best} not found (expected a finished run or its best.yml)"
+            )
+        final = best.parent / FINAL_DIR
+        if (final / "config.json").is_file():
+            return best, final.resolve()
+        return best, self.run_dir.resolve() / PS_DIR / FINAL_DIR
+
+    def _planned_ps(self) -> dict[str, dict[str, Any]]:
+        """``{path: config}`` of the PS model when it does not exist yet."""
+        if (self.ps_path / "config.json").is_file():
+            return {}
+        from mergekit.config import MergeConfiguration
+
+        if self.ps_evolution is not None:
+            evolution = self.ps_evolution
+            first = evolution.space.decode(
+                evolution.space.x0(evolution.config.optimizer.x0)
+            )
+            configs = {m.path: m.config for m in evolution.sources.models}
+        else:
+            first = MergeConfiguration.model_validate(
+                yaml.safe_load(self.ps_best_file.read_text(encoding="utf-8"))
+            )
+            configs = {}
+            for reference in first.referenced_models():
+                path = reference.model.path
+                local = resolve_model_path(
+                    path, not Path(path).exists(), self.config.sources.model_root
+                )
+                configs[path] = read_model_info(path, local).config
+        with _prefix_errors("space.ps."):
+            return {str(self.ps_path): planned_model_config(first, configs)}
+
+    def _make_dfs_evolution(self, planned: dict[str, dict[str, Any]]) -> Evolution:
+        with _prefix_errors("space.dfs."):
+            evolution = Evolution(
+                self.dfs_config,
+                progress=self.progress,
+                build_zoo=self.build_zoo,
+                planned_models=planned,
+            )
+        space = evolution.space
+        start = space.decode_path(space.x0(self.dfs_config.optimizer.x0))
+        if start != space.identity_path(self.hybrid.ps_name):
+            raise ConfigError(
+                "space.dfs: the DFS stage's x0 does not decode to the PS model's own layer stack"
+            )
+        evolution.optimizer = X0FirstOptimizer(evolution.optimizer)
+        return evolution
+
+    def _ps_heldout(self) -> dict[str, Any] | None:
+        """The PS search's held-out section, if its summary exists and covers every
+        held-out task of this config."""
+        if not self.ps_summary_file.is_file():
+            return None
+        heldout = json.loads(self.ps_summary_file.read_text(encoding="utf-8")).get(
+            "heldout", {}
+        )
+        wanted = {t.task for t in self.config.heldout.tasks}
+        return heldout if wanted.issubset(heldout.get("tasks", [])) else None
+
+    # -- dry run and run --------------------------------------------------------------
+
+    def dry_run(self) -> list[tuple[str, DryRun]]:
+        """Each stage's search size and first candidate; builds nothing. The DFS
+        stage's first candidate is the PS model's own layer stack."""
+        stages = (
+            [(PS_DIR, self.ps_evolution.dry_run())]
+            if self.ps_evolution is not None
+            else []
+        )
+        return [*stages, (DFS_DIR, self.dfs_evolution.dry_run())]
+
+    def run(self, resume: bool = False) -> dict[str, Any]:
+        """Runs (or resumes) both stages and writes the top-level summary.
+
+        Returns:
+            The summary (also written to ``summary.json``).
+
+        Raises:
+            ConfigError: the run directory holds files and ``resume`` is off.
+            ResumeError: nothing to resume, another config, or a PS stage asked to go
+                on after its DFS stage started.
+        """
+        run_dir, dfs_dir = self.run_dir, self.run_dir / DFS_DIR
+        if not resume and run_dir.exists() and any(run_dir.iterdir()):
+            raise ConfigError(
+                f"output.dir: {run_dir} already holds files; pass --resume to continue that run, "
+                "or choose another --output"
+            )
+        if resume and not (run_dir / CONFIG_FILE).is_file():
+            raise ResumeError(f"{run_dir}: nothing to resume ({CONFIG_FILE} not found)")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / CONFIG_FILE).write_text(
+            yaml.safe_dump(
+                self.config.model_dump(mode="json"), sort_keys=False, allow_unicode=True
+            ),
+            encoding="utf-8",
+        )
+        dfs_started = (dfs_dir / "state.pkl").is_file()
+        if self.ps_evolution is not None:
+            ps_dir = run_dir / PS_DIR
+            if not _stage_done(ps_dir, self.ps_config):
+                if dfs_started:
+                    raise ResumeError(
+                        f"{run_dir}: the DFS stage started from the PS stage's result; the PS stage "
+                        "cannot go on (a larger PS budget?) without changing that model; use a new --output"
+                    )
+                logger.info("hybrid: PS stage in %s", ps_dir)
+                self.ps_evolution.run(resume=(ps_dir / "state.pkl").is_file())
+        elif not (self.ps_path / "config.json").is_file():
+            self._materialize(self.ps_best_file, self.ps_path)
+        if not (self.ps_path / "config.json").is_file():
+            raise MergekitEvolveError(f"the PS stage left no model in {self.ps_path}")
+        self._check_manifest(dfs_started)
+        if not _stage_done(dfs_dir, self.dfs_config):
+            logger.info("hybrid: DFS stage in %s", dfs_dir)
+            # Rebuilt now that the PS model exists: its real config.json, not the plan.
+            self.dfs_evolution = self._make_dfs_evolution(planned={})
+            self.dfs_evolution.run(resume=dfs_started)
+        summary = self._summarize()
+        best = (
+            dfs_dir / BEST_FILE if summary["selected"] == DFS_DIR else self.ps_best_file
+        )
+        shutil.copyfile(best, run_dir / BEST_FILE)
+        report.write_summary(summary, run_dir / SUMMARY_FILE)
+        return summary
+
+    def _materialize(self, best: Path, out: Path) -> None:
+        """Merges an earlier run's ``best.yml`` into ``out``, atomically."""
+        from mergekit.config import MergeConfiguration
+
+        merge_config = MergeConfiguration.model_validate(
+            yaml.safe_load(best.read_text(encoding="utf-8"))
+        )
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".final.", dir=out.parent))
+        logger.info("hybrid: merging %s into %s", best, out)
+        try:
+            make_builder(self.dfs_config, self.dfs_evolution.sources).save(
+                merge_config, tmp / "model"
+            )
+            shutil.rmtree(out, ignore_errors=True)
+            os.replace(tmp / "model", out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _check_manifest(self, dfs_started: bool) -> None:
+        """Records (or, on resume, checks) the PS model the DFS stage starts from."""
+        path = self.run_dir / MANIFEST_FILE
+        digest = _digest(self.ps_best_file)
+        if dfs_started and path.is_file():
+            recorded = json.loads(path.read_text(encoding="utf-8")).get(
+                "ps_best_digest"
+            )
+            if recorded != digest:
+                raise ResumeError(
+                    f"{self.run_dir}: the DFS stage started from another PS model (best.yml digest "
+                    f"{recorded}, now {digest}); use a new --output"
+                )
+            return
+        manifest = {
+            "ps_best": str(self.ps_best_file),
+            "ps_best_digest": digest,
+            "ps_model": str(self.ps_path),
+        }
+        path.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+
+    def _summarize(self) -> dict[str, Any]:
+        """The final stage's summary: the DFS stage's, with the PS stage, the
+        held-out rows of both, and which of the two models is the hybrid's result."""
+        dfs = json.loads(
+            (self.run_dir / DFS_DIR / SUMMARY_FILE).read_text(encoding="utf-8")
+        )
+        # Candidate 0 is the PS model (X0FirstOptimizer); lines are in completion order.
+        first = next(r for r in History(self.run_dir / DFS_DIR).read() if r.index == 0)
+        ps_fitness = first.fitness if first.ok else None
+        gain = None if ps_fitness is None else dfs["fitness"]["best"] - ps_fitness
+        # Selection uses fitness only: choosing by held-out scores would stop them
+        # being held out.
+        selected = DFS_DIR if gain is None or gain > self.hybrid.min_gain else PS_DIR
+
+        ps_heldout = self._ps_heldout() or {}
+        dfs_heldout = dfs.get("heldout", {})
+        heldout: dict[str, Any] = {"tasks": [t.task for t in self.config.heldout.tasks]}
+        # Without a PS summary, the DFS stage scored the PS model as one of its sources.
+        sources = dict(ps_heldout.get("sources") or dfs_heldout.get("sources") or {})
+        ps_as_source = sources.pop(self.hybrid.ps_name, None)
+        ps_scores = ps_heldout.get("best") or ps_as_source
+        if sources:
+            heldout["sources"] = sources
+        if ps_heldout.get("baselines"):
+            heldout["baselines"] = ps_heldout["baselines"]
+        stage_scores = {PS_DIR: ps_scores, DFS_DIR: dfs_heldout.get("best")}
+        heldout["stages"] = {k: v for k, v in stage_scores.items() if v is not None}
+        if stage_scores[selected] is not None:
+            heldout["best"] = stage_scores[selected]
+
+        dfs_vs_ps: dict[str, Any] = {"fitness": gain, "heldout": {}}
+        if ps_scores is not None and stage_scores[DFS_DIR] is not None:
+            dfs_vs_ps["heldout"] = {
+                t: v - ps_scores[t]
+                for t, v in stage_scores[DFS_DIR].items()
+                if t in ps_scores
+            }
+        target = heldout["tasks"][0] if heldout["tasks"] else None
+        drop = dfs_vs_ps["heldout"].get(target, 0.0) if target else 0.0
+        if selected == PS_DIR:
+            logger.warning(
+                "hybrid: kept the PS model: the DFS stage's best gains %+.4f fitness, not more "
+                "than min_gain %.4f",
+                gain or 0.0,
+                self.hybrid.min_gain,
+            )
+        elif drop < 0:
+            logger.warning(
+                "hybrid: the DFS best is fitter than the PS model (%+.4f) but scores %+.4f on "
+                "the held-out %s; reported as is",
+                gain or 0.0,
+                drop,
+                target,
+            )
+
+        stages: dict[str, Any] = {}
+        if self.ps_evolution is not None:
+            ps = json.loads(
+                (self.run_dir / PS_DIR / SUMMARY_FILE).read_text(encoding="utf-8")
+            )
+            stages[PS_DIR] = {
+                "dir": PS_DIR,
+                "evaluations": ps["evaluations"],
+                "fitness": ps["fitness"]["best"],
+                "wall_seconds": ps["wall_seconds"],
+            }
+        else:
+            stages[PS_DIR] = {"from_run": str(self.ps_best_file)}
+        stages[PS_DIR].update(model=str(self.ps_path), fitness_in_dfs_stage=ps_fitness)
+        stages[DFS_DIR] = {
+            "dir": DFS_DIR,
+            "evaluations": dfs["evaluations"],
+            "fitness": dfs["fitness"]["best"],
+            "wall_seconds": dfs["wall_seconds"],
+        }
+        summary = {
+            **dfs,
+            "name": self.config.name,
+            "config_hash": self.config.config_hash(),
+            "space": {
+                "type": "hybrid",
+                "dim": dfs["space"]["dim"],
+                "dfs": dfs["space"],
+            },
+            "wall_seconds": round(
+                sum(s.get("wall_seconds", 0.0) for s in stages.values()), 2
+            ),
+            "stages": stages,
+            "selected": selected,
+            "min_gain": self.hybrid.min_gain,
+            "final_dir": f"{DFS_DIR}/{FINAL_DIR}",
+            "heldout": heldout,
+            "dfs_vs_ps": dfs_vs_ps,
+        }
+        if selected == PS_DIR:
+            # The PS model as scored in the DFS stage (candidate 0), and its own files.
+            summary["fitness"] = {
+                **dfs["fitness"],
+                "best": ps_fitness,
+                "best_index": 0,
+                "best_generation": 0,
+            }
+            summary["best_genes"] = first.genes
+            summary["final_dir"] = (
+                str(self.ps_path.relative_to(self.run_dir.resolve()))
+                if self.ps_path.is_relative_to(self.run_dir.resolve())
+                else str(self.ps_path)
+            )
+        return summary
+
+
+def _stage_done(stage_dir: Path, config: RunConfig) -> bool:
+    """Whether a stage's run directory holds a finished run with its whole budget."""
+    if not (stage_dir / "state.pkl").is_file():
+        return False
+    state = load_state(stage_dir, config.config_hash())
+    return (
+        state.finished and len(History(stage_dir).read()) >= config.optimizer.max_evals
+    )
+
+
+__all__ = ["HybridEvolution", "X0FirstOptimizer", "planned_model_config"]
