@@ -1,0 +1,32 @@
+# Two commands do all the set-up on a machine with only Python:
+#   make demo   creates .venv, installs, and runs the toy search (configs/toy_ja_math.yml)
+#   make test   same set-up if needed, then the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# pip's resolver picks a CUDA torch (GBs) when left alone; the pinned version resolves to
+# the CPU wheel on CPU-only machines. GPU users install their CUDA torch before `make`.
+TORCH ?= torch==2.13.0
+
+.PHONY: demo test install clean
+
+$(BIN)/mergekit-evolve: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e ".[dev,ja,ray]"
+	touch $@
+
+install: $(BIN)/mergekit-evolve
+
+# Each demo run gets its own directory (a run directory is never overwritten).
+demo: install
+	out=runs/toy_ja_math-$$(date +%Y%m%d-%H%M%S); \
+	$(BIN)/mergekit-evolve configs/toy_ja_math.yml --output $$out && \
+	$(BIN)/python -m mergekit_evolve.report $$out
+
+test: install
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf runs .cache
