@@ -45,6 +45,18 @@ def toy_zoo() -> dict[str, Path]:
     return build_zoo(TOY_ZOO_DIR, seed=0)
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models gain nothing from a second intra-op thread, and on a loaded 2-core
+    machine torch's thread pool turns a 0.02 ms matmul into 20 ms."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_config(models: dict[str, Path], output: Path, **sections: Any) -> dict[str, Any]:
     """A small, valid run config over ``models``; ``sections`` replace top-level keys."""
     config: dict[str, Any] = {

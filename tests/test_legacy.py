@@ -23,16 +23,7 @@ from mergekit_evolve.legacy import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from a second intra-op thread, and on a loaded 2-core
-    machine torch's thread pool turns a 0.02 ms matmul into 20 ms."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest
 
 
 @pytest.fixture

@@ -29,17 +29,6 @@ pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
 
 
-@pytest.fixture
-def one_torch_thread():
-    """One torch thread in this process while a test runs, like each Ray worker
-    (1 CPU): the same arithmetic on both sides, and no slowdown from more threads
-    than free cores on a busy machine."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_serial_runner_rejects_ray_settings(tmp_path):

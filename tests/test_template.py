@@ -31,16 +31,7 @@ NUMBER = r"(-?\d+(?:\.\d+)?)"
 FLOW_MARKER = re.compile(r"\{evolve: \[[^\]]*\](?:, (?:init|count): [^,}]*)*\}")
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from a second intra-op thread, and on a loaded 2-core
-    machine torch's thread pool turns a 0.02 ms matmul into 20 ms."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest
 
 
 def space_for(text: str, base_dir: Path | None = None, **options) -> TemplateSpace:
