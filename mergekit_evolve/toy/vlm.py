@@ -25,15 +25,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mergekit_evolve.toy.cache import build_atomically, is_built
 from mergekit_evolve.toy.tokenizer import JA_DIGITS, VOCAB, make_tokenizer
 
 if TYPE_CHECKING:
@@ -488,41 +486,10 @@ def build_toy_vlm(directory: str | Path, zoo_dir: str | Path, seed: int = 0, for
     target = directory / "vlm"
     zoo_meta = json.loads((zoo_dir / "zoo.json").read_text()) if (zoo_dir / "zoo.json").is_file() else {}
     meta = {"seed": seed, "toy_vlm_version": TOY_VLM_VERSION, "zoo": {k: zoo_meta.get(k) for k in ("seed", "zoo_version")}}
-    manifest = directory / "toy_vlm.json"
-    if not force and manifest.is_file() and (target / "config.json").is_file():
-        try:
-            recorded = json.loads(manifest.read_text())
-        except (OSError, ValueError):
-            recorded = None
-        if recorded is not None and all(recorded.get(k) == v for k, v in meta.items()):
-            logger.info("toy vlm: reusing %s", target)
-            return target
-
-    import torch
-
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    tmp.chmod(0o755)
-    threads = torch.get_num_threads()
-    start = time.perf_counter()
-    try:
-        # One thread: these matrices are tiny, and on a shared machine a second
-        # thread spin-waits for its share (5x slower per step when contended).
-        torch.set_num_threads(1)
-        with torch.random.fork_rng(devices=[]):
-            _build(tmp, zoo_dir, seed)
-        meta["build_seconds"] = round(time.perf_counter() - start, 1)
-        (tmp / "toy_vlm.json").write_text(json.dumps(meta, indent=2) + "\n")
-        if directory.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
-            os.replace(directory, old / "toy_vlm")
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
-    finally:
-        torch.set_num_threads(threads)
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    logger.info("toy vlm: built %s in %.0fs", target, time.perf_counter() - start)
+    if not force and is_built(directory, "toy_vlm.json", meta, [target / "config.json"]):
+        logger.info("toy vlm: reusing %s", target)
+        return target
+    # One thread: these matrices are tiny, and on a shared machine a second thread
+    # spin-waits for its share (5x slower per step when contended).
+    build_atomically(directory, "toy_vlm.json", meta, lambda tmp: _build(tmp, zoo_dir, seed), threads=1)
     return target

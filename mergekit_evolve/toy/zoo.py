@@ -16,18 +16,15 @@ rewriting shared features (from plain bases every merge lost both skills).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import random
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mergekit_evolve.toy.cache import build_atomically, is_built
 from mergekit_evolve.toy.data import answer, prompt, split_pairs, to_ja
 from mergekit_evolve.toy.tokenizer import EOS, PAD, VOCAB, make_tokenizer
 
@@ -276,46 +273,9 @@ def build_zoo(
     directory = Path(directory).resolve()
     paths = {name: directory / name for name in MODEL_NAMES}
     meta = {"seed": seed, "zoo_version": ZOO_VERSION}
-    manifest = directory / "zoo.json"
-    if not force and manifest.is_file():
-        try:
-            recorded = json.loads(manifest.read_text())
-        except (OSError, ValueError):
-            recorded = None
-        if recorded is not None and all(recorded.get(k) == v for k, v in meta.items()):
-            if all((p / "config.json").is_file() for p in paths.values()):
-                logger.info("toy zoo: reusing %s", directory)
-                return paths
-
-    import torch
-
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the zoo is an ordinary folder
-    threads = torch.get_num_threads()
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    start = time.perf_counter()
-    try:
-        torch.set_num_threads(2)
-        torch.use_deterministic_algorithms(True)
-        with torch.random.fork_rng(devices=[]):
-            _build(tmp, seed)
-        meta["build_seconds"] = round(time.perf_counter() - start, 1)
-        (tmp / "zoo.json").write_text(json.dumps(meta, indent=2) + "\n")
-        if directory.exists():
-            # os.replace cannot swap onto a non-empty folder: move the old one aside first.
-            old = Path(
-                tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent)
-            )
-            os.replace(directory, old / "zoo")
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
-    finally:
-        torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(deterministic)
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    logger.info("toy zoo: built %s in %.0fs", directory, time.perf_counter() - start)
+    if not force and is_built(directory, "zoo.json", meta, [p / "config.json" for p in paths.values()]):
+        logger.info("toy zoo: reusing %s", directory)
+        return paths
+    # Two threads and deterministic kernels: the same seed gives the same zoo.
+    build_atomically(directory, "zoo.json", meta, lambda tmp: _build(tmp, seed), threads=2, deterministic=True)
     return paths

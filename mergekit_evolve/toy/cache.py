@@ -1,0 +1,74 @@
+"""Build-once folders for the toy models: a manifest says what was built, and a build
+happens in a temporary folder that replaces the old one in one ``os.replace``, so an
+interrupted build never leaves half a folder behind."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+def is_built(directory: Path, manifest: str, meta: dict[str, Any], required: list[Path]) -> bool:
+    """Whether ``directory/manifest`` records ``meta`` and every ``required`` file exists."""
+    path = directory / manifest
+    if not path.is_file() or not all(p.is_file() for p in required):
+        return False
+    try:
+        recorded = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return all(recorded.get(k) == v for k, v in meta.items())
+
+
+def build_atomically(
+    directory: Path,
+    manifest: str,
+    meta: dict[str, Any],
+    build: Callable[[Path], None],
+    threads: int,
+    deterministic: bool = False,
+) -> None:
+    """Runs ``build(tmp)`` into a temporary folder beside ``directory``, writes the
+    manifest (``meta`` plus the build time) and moves the folder into place.
+
+    Torch's thread count (and, if asked, deterministic algorithms) are set for the
+    build and restored after; the global RNG is forked so callers' streams are untouched.
+    """
+    import torch
+
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
+    saved_threads = torch.get_num_threads()
+    saved_deterministic = torch.are_deterministic_algorithms_enabled()
+    start = time.perf_counter()
+    try:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic or saved_deterministic)
+        with torch.random.fork_rng(devices=[]):
+            build(tmp)
+        record = {**meta, "build_seconds": round(time.perf_counter() - start, 1)}
+        (tmp / manifest).write_text(json.dumps(record, indent=2) + "\n")
+        if directory.exists():
+            # os.replace cannot swap onto a non-empty folder: move the old one aside first.
+            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
+            os.replace(directory, old / directory.name)
+            os.replace(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, directory)
+    finally:
+        torch.set_num_threads(saved_threads)
+        torch.use_deterministic_algorithms(saved_deterministic)
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("built %s in %.0fs", directory, time.perf_counter() - start)
