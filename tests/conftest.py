@@ -57,6 +57,16 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+def load_task_utils(task_dir: Path, name: str):
+    """A task folder's ``utils.py``, imported by file path as lm-eval imports it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, task_dir / "utils.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def tiny_config(models: dict[str, Path], output: Path, **sections: Any) -> dict[str, Any]:
     """A small, valid run config over ``models``; ``sections`` replace top-level keys."""
     config: dict[str, Any] = {

@@ -7,18 +7,14 @@ generations are scripted per prompt.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-from lm_eval.api.model import LM  # noqa: E402
+from conftest import load_task_utils
+from lm_eval.api.model import LM
 
 REPO = Path(__file__).resolve().parents[1]
 EVALS = REPO / "evals"
@@ -29,17 +25,7 @@ MGSM_JA_FILE = FIXTURES / "mgsm_ja.jsonl"
 RESPONSES = json.loads((FIXTURES / "responses.json").read_text(encoding="utf-8"))
 
 
-def _load_utils():
-    # lm-eval imports utils.py by file path; do the same (no package on sys.path).
-    spec = importlib.util.spec_from_file_location(
-        "ja_math_utils", TASK_DIR / "utils.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-utils = _load_utils()
+utils = load_task_utils(TASK_DIR, "ja_math_utils")
 
 
 class ScriptedLM(LM):

@@ -6,17 +6,13 @@ jsonl files), and the model is a stub whose generations are scripted per questio
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-from lm_eval.api.model import LM  # noqa: E402
+from conftest import load_task_utils
+from lm_eval.api.model import LM
 
 REPO = Path(__file__).resolve().parents[1]
 EVALS = REPO / "evals"
@@ -27,15 +23,7 @@ WILD_FILE = FIXTURES / "ja_vlm_wild.jsonl"
 RESPONSES = json.loads((FIXTURES / "responses.json").read_text(encoding="utf-8"))
 
 
-def _load_utils():
-    # lm-eval imports utils.py by file path; do the same (no package on sys.path).
-    spec = importlib.util.spec_from_file_location("ja_vqa_utils", TASK_DIR / "utils.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-utils = _load_utils()
+utils = load_task_utils(TASK_DIR, "ja_vqa_utils")
 
 
 class ScriptedVLM(LM):
