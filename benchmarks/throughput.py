@@ -72,7 +72,12 @@ MISTRAL_7B = {
     "bos_token_id": 1,
     "eos_token_id": 2,
 }
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
 
 
 def log(message: str) -> None:
@@ -82,7 +87,9 @@ def log(message: str) -> None:
 # -- the models and the search space ---------------------------------------------------
 
 
-def make_random_mistral(out_dir: Path, shape: dict[str, Any], seed: int, tokenizer_dir: Path, device: str) -> Path:
+def make_random_mistral(
+    out_dir: Path, shape: dict[str, Any], seed: int, tokenizer_dir: Path, device: str
+) -> Path:
     """A Mistral model of ``shape`` with random bfloat16 weights, plus a tokenizer.
 
     The toy zoo's character tokenizer goes in, padded with unused tokens to the
@@ -95,20 +102,28 @@ def make_random_mistral(out_dir: Path, shape: dict[str, Any], seed: int, tokeniz
 
     if (out_dir / "config.json").is_file():
         return out_dir
-    config = transformers.MistralConfig(**{k: v for k, v in shape.items() if k not in ("architectures", "model_type")})
+    config = transformers.MistralConfig(
+        **{k: v for k, v in shape.items() if k not in ("architectures", "model_type")}
+    )
     torch.manual_seed(seed)
     with torch.device(device):
-        model = transformers.MistralForCausalLM._from_config(config, dtype=torch.bfloat16)
+        model = transformers.MistralForCausalLM._from_config(
+            config, dtype=torch.bfloat16
+        )
     tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, max_shard_size="5GB")
     for name in TOKENIZER_FILES:
         if (tokenizer_dir / name).is_file():
             shutil.copy(tokenizer_dir / name, tmp / name)
-    tokenizer = json.loads((tokenizer_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    tokenizer = json.loads(
+        (tokenizer_dir / "tokenizer.json").read_text(encoding="utf-8")
+    )
     vocab = tokenizer["model"]["vocab"]
     vocab.update({f"<unused_{i}>": i for i in range(len(vocab), shape["vocab_size"])})
-    (tmp / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False), encoding="utf-8")
+    (tmp / "tokenizer.json").write_text(
+        json.dumps(tokenizer, ensure_ascii=False), encoding="utf-8"
+    )
     del model
     tmp.rename(out_dir)  # complete models only: an interrupted run starts over
     return out_dir
@@ -120,23 +135,38 @@ def source_models(args: argparse.Namespace) -> tuple[dict[str, Path], str]:
 
     zoo = build_zoo(args.zoo, seed=0)
     if not args.mistral7b:
-        return {"base": Path(zoo["base"]), "math": Path(zoo["math"]), "ja": Path(zoo["ja"])}, "float32"
+        return {
+            "base": Path(zoo["base"]),
+            "math": Path(zoo["math"]),
+            "ja": Path(zoo["ja"]),
+        }, "float32"
     root = Path(args.mistral7b)
     root.mkdir(parents=True, exist_ok=True)
     device = "cuda" if args.cuda else "cpu"
     models = {}
     for seed, name in enumerate(["base", "a", "b"]):
         log(f"creating random Mistral-7B-shaped model {root / name} (once)")
-        models[name] = make_random_mistral(root / name, MISTRAL_7B, seed, Path(zoo["base"]), device)
+        models[name] = make_random_mistral(
+            root / name, MISTRAL_7B, seed, Path(zoo["base"]), device
+        )
     return models, "bfloat16"
 
 
-def run_config(models: dict[str, Path], dtype: str, args: argparse.Namespace, out: Path, ray_workers: int = 0):
+def run_config(
+    models: dict[str, Path],
+    dtype: str,
+    args: argparse.Namespace,
+    out: Path,
+    ray_workers: int = 0,
+):
     """The toy demo's search (per-layer task-arithmetic weights) over ``models``, with
     the serial runner or ``ray_workers`` Ray workers."""
     from mergekit_evolve.config import parse_config
 
-    fitness: dict[str, Any] = {"tasks": [{"task": FITNESS_TASK, "metric": "acc"}], "batch_size": args.batch_size}
+    fitness: dict[str, Any] = {
+        "tasks": [{"task": FITNESS_TASK, "metric": "acc"}],
+        "batch_size": args.batch_size,
+    }
     if args.limit:
         fitness["limit"] = args.limit
     data = {
@@ -145,17 +175,24 @@ def run_config(models: dict[str, Path], dtype: str, args: argparse.Namespace, ou
             "models": [{"name": n, "path": str(p)} for n, p in models.items()],
             "base_model": "base",
             "dtype": dtype,
-            "tokenizer_source": None if args.tokenizer_source == "none" else args.tokenizer_source,
+            "tokenizer_source": None
+            if args.tokenizer_source == "none"
+            else args.tokenizer_source,
         },
         "space": {
-            "type": "parameter", "method": "task_arithmetic", "granularity": "layer",
-            "embeddings": True, "parameters": {"weight": [0.0, 2.0]},
+            "type": "parameter",
+            "method": "task_arithmetic",
+            "granularity": "layer",
+            "embeddings": True,
+            "parameters": {"weight": [0.0, 2.0]},
         },
         "optimizer": {"type": "cma", "population": 10, "seed": 0},
         "fitness": fitness,
         "heldout": {"tasks": []},
         "builder": {"cuda": args.cuda},
-        "runner": {"type": "ray", "workers": ray_workers, "cpus_per_worker": 1} if ray_workers else {},
+        "runner": {"type": "ray", "workers": ray_workers, "cpus_per_worker": 1}
+        if ray_workers
+        else {},
         "output": {"dir": str(out / "run"), "save_final": False, "plots": False},
     }
     return parse_config(data, source="benchmark", base_dir=None)
@@ -164,30 +201,55 @@ def run_config(models: dict[str, Path], dtype: str, args: argparse.Namespace, ou
 def genomes(dim: int, count: int, seed: int = 0) -> list[tuple[float, ...]]:
     """Genomes around the demo's starting point (CMA-ES samples x0 = 0.5, sigma 1/6)."""
     rng = np.random.default_rng(seed)
-    return [tuple(float(v) for v in np.clip(rng.normal(0.5, 1 / 6, dim), 0, 1)) for _ in range(count)]
+    return [
+        tuple(float(v) for v in np.clip(rng.normal(0.5, 1 / 6, dim), 0, 1))
+        for _ in range(count)
+    ]
 
 
 # -- (a) the naive pipeline ------------------------------------------------------------
 
 
-def naive_candidate(space, genome, args: argparse.Namespace, work: Path, dtype: str) -> dict[str, float]:
+def naive_candidate(
+    space, genome, args: argparse.Namespace, work: Path, dtype: str
+) -> dict[str, float]:
     """``mergekit-yaml`` then the ``lm_eval`` CLI, as subprocesses; seconds and fitness."""
     from mergekit_evolve.tasks import project_task_dir
 
     bin_dir = Path(sys.executable).parent
-    config_file, model_dir, results_dir = work / "merge.yml", work / "merged", work / "lm_eval"
+    config_file, model_dir, results_dir = (
+        work / "merge.yml",
+        work / "merged",
+        work / "lm_eval",
+    )
     for path in (model_dir, results_dir):
         shutil.rmtree(path, ignore_errors=True)
     config_file.write_text(space.decode(np.array(genome)).to_yaml(), encoding="utf-8")
-    merge = [str(bin_dir / "mergekit-yaml"), str(config_file), str(model_dir), "--copy-tokenizer", "--no-write-model-card"]
+    merge = [
+        str(bin_dir / "mergekit-yaml"),
+        str(config_file),
+        str(model_dir),
+        "--copy-tokenizer",
+        "--no-write-model-card",
+    ]
     if args.cuda:
         merge += ["--cuda", "--read-to-gpu"]
     evaluate = [
-        str(bin_dir / "lm_eval"), "--model", "hf",
-        "--model_args", f"pretrained={model_dir},dtype={dtype}",
-        "--tasks", FITNESS_TASK, "--include_path", str(project_task_dir()),
-        "--batch_size", str(args.batch_size), "--device", "cuda" if args.cuda else "cpu",
-        "--output_path", str(results_dir),
+        str(bin_dir / "lm_eval"),
+        "--model",
+        "hf",
+        "--model_args",
+        f"pretrained={model_dir},dtype={dtype}",
+        "--tasks",
+        FITNESS_TASK,
+        "--include_path",
+        str(project_task_dir()),
+        "--batch_size",
+        str(args.batch_size),
+        "--device",
+        "cuda" if args.cuda else "cpu",
+        "--output_path",
+        str(results_dir),
     ]
     if args.limit:
         evaluate += ["--limit", str(args.limit)]
@@ -198,8 +260,15 @@ def naive_candidate(space, genome, args: argparse.Namespace, work: Path, dtype: 
     subprocess.run(evaluate, check=True, capture_output=True, env=env)
     done = time.perf_counter()
     [results_file] = results_dir.rglob("results_*.json")
-    acc = json.loads(results_file.read_text(encoding="utf-8"))["results"][FITNESS_TASK]["acc,none"]
-    return {"build": merged - start, "eval": done - merged, "total": done - start, "fitness": float(acc)}
+    acc = json.loads(results_file.read_text(encoding="utf-8"))["results"][FITNESS_TASK][
+        "acc,none"
+    ]
+    return {
+        "build": merged - start,
+        "eval": done - merged,
+        "total": done - start,
+        "fitness": float(acc),
+    }
 
 
 # -- (b), (c) in process -----------------------------------------------------------------
@@ -222,7 +291,12 @@ def in_process(config, sources, space, genome_list, in_memory: bool) -> dict[str
     timed = results[1:]
     build = statistics.fmean(r.build_seconds for r in timed)
     score = statistics.fmean(r.eval_seconds for r in timed)
-    return {"build": build, "eval": score, "total": build + score, "fitness": [r.fitness for r in results]}
+    return {
+        "build": build,
+        "eval": score,
+        "total": build + score,
+        "fitness": [r.fitness for r in results],
+    }
 
 
 def read_floor(sources, device: str) -> float:
@@ -231,7 +305,9 @@ def read_floor(sources, device: str) -> float:
     import torch
     from safetensors.torch import load_file
 
-    files = [f for m in sources.models for f in sorted(Path(m.path).glob("*.safetensors"))]
+    files = [
+        f for m in sources.models for f in sorted(Path(m.path).glob("*.safetensors"))
+    ]
     if not files:
         raise SystemExit("the source models have no .safetensors files")
     times = []
@@ -249,7 +325,9 @@ def read_floor(sources, device: str) -> float:
 # -- Ray ---------------------------------------------------------------------------------
 
 
-def ray_throughput(models, dtype, args, out: Path, sources, space, worker_counts: list[int]) -> dict[int, dict[str, float]]:
+def ray_throughput(
+    models, dtype, args, out: Path, sources, space, worker_counts: list[int]
+) -> dict[int, dict[str, float]]:
     """Candidates per minute with each of ``worker_counts`` Ray workers.
 
     All runners are started together (their actors sit idle while another one is
@@ -265,12 +343,22 @@ def ray_throughput(models, dtype, args, out: Path, sources, space, worker_counts
     rounds = max(1, args.ray_rounds)
     per_round = max(1, args.ray_candidates // rounds)
     pool = genomes(space.dim, per_round, seed=1)
-    timed: dict[int, dict[str, float]] = {w: {"seconds": 0.0, "busy": 0.0, "count": 0} for w in worker_counts}
+    timed: dict[int, dict[str, float]] = {
+        w: {"seconds": 0.0, "busy": 0.0, "count": 0} for w in worker_counts
+    }
     with ExitStack() as stack:
         runners = {}
         for workers in worker_counts:
-            runner = stack.enter_context(RayRunner(run_config(models, dtype, args, out, ray_workers=workers), sources))
-            list(runner.evaluate([Candidate(i, 0, pool[i % len(pool)]) for i in range(workers)]))
+            runner = stack.enter_context(
+                RayRunner(
+                    run_config(models, dtype, args, out, ray_workers=workers), sources
+                )
+            )
+            list(
+                runner.evaluate(
+                    [Candidate(i, 0, pool[i % len(pool)]) for i in range(workers)]
+                )
+            )
             runners[workers] = runner
         for _ in range(rounds):
             for workers, runner in runners.items():
@@ -283,7 +371,9 @@ def ray_throughput(models, dtype, args, out: Path, sources, space, worker_counts
                 timed[workers]["count"] += len(results)
                 failed = [r for r in results if not r.ok]
                 if failed:
-                    raise SystemExit(f"Ray candidate {failed[0].index} failed: {failed[0].error}")
+                    raise SystemExit(
+                        f"Ray candidate {failed[0].index} failed: {failed[0].error}"
+                    )
     return {
         w: {
             "cpm": 60 * t["count"] / t["seconds"],
@@ -297,30 +387,89 @@ def ray_throughput(models, dtype, args, out: Path, sources, space, worker_counts
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--zoo", default=str(REPO / ".cache" / "toy_zoo"), help="toy zoo directory (built if missing)")
-    parser.add_argument("--candidates", type=int, default=20, help="in-process candidates per mode (plus one warm-up)")
-    parser.add_argument("--naive-candidates", type=int, default=2, help="candidates through the naive pipeline")
-    parser.add_argument("--ray-candidates", type=int, default=60, help="timed candidates per Ray configuration")
-    parser.add_argument("--ray-rounds", type=int, default=3, help="alternating timed rounds of the Ray configurations")
-    parser.add_argument("--limit", type=int, default=None, help="score only the first N documents of the fitness task")
-    parser.add_argument("--batch-size", type=int, default=32, help="lm-eval batch size (in process and naive)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads in process and in the naive subprocesses (a Ray worker gets 1 per CPU)")
-    parser.add_argument("--tokenizer-source", choices=["base", "none"], default="base",
-                        help="sources.tokenizer_source: 'base' (the default of run configs) makes mergekit "
-                             "re-index the embeddings on every build (~4 s at a 32k vocabulary); 'none' skips it")
-    parser.add_argument("--cuda", action="store_true", help="merge and evaluate on the GPU")
-    parser.add_argument("--mistral7b", metavar="DIR", help="create 3 random Mistral-7B-shaped models in DIR and use them")
-    parser.add_argument("--no-ray", dest="ray", action="store_false", help="skip the Ray measurements")
-    parser.add_argument("--no-naive", dest="naive", action="store_false", help="skip the naive pipeline")
-    parser.add_argument("--work-dir", help="scratch directory (default: a new temporary one)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--zoo",
+        default=str(REPO / ".cache" / "toy_zoo"),
+        help="toy zoo directory (built if missing)",
+    )
+    parser.add_argument(
+        "--candidates",
+        type=int,
+        default=20,
+        help="in-process candidates per mode (plus one warm-up)",
+    )
+    parser.add_argument(
+        "--naive-candidates",
+        type=int,
+        default=2,
+        help="candidates through the naive pipeline",
+    )
+    parser.add_argument(
+        "--ray-candidates",
+        type=int,
+        default=60,
+        help="timed candidates per Ray configuration",
+    )
+    parser.add_argument(
+        "--ray-rounds",
+        type=int,
+        default=3,
+        help="alternating timed rounds of the Ray configurations",
+    )
+    parser.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="score only the first N documents of the fitness task",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=32,
+        help="lm-eval batch size (in process and naive)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads in process and in the naive subprocesses (a Ray worker gets 1 per CPU)",
+    )
+    parser.add_argument(
+        "--tokenizer-source",
+        choices=["base", "none"],
+        default="base",
+        help="sources.tokenizer_source: 'base' (the default of run configs) makes mergekit "
+        "re-index the embeddings on every build (~4 s at a 32k vocabulary); 'none' skips it",
+    )
+    parser.add_argument(
+        "--cuda", action="store_true", help="merge and evaluate on the GPU"
+    )
+    parser.add_argument(
+        "--mistral7b",
+        metavar="DIR",
+        help="create 3 random Mistral-7B-shaped models in DIR and use them",
+    )
+    parser.add_argument(
+        "--no-ray", dest="ray", action="store_false", help="skip the Ray measurements"
+    )
+    parser.add_argument(
+        "--no-naive", dest="naive", action="store_false", help="skip the naive pipeline"
+    )
+    parser.add_argument(
+        "--work-dir", help="scratch directory (default: a new temporary one)"
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     for noisy in ("lm_eval", "lm-eval", "mergekit", "transformers", "datasets", "root"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     logging.getLogger().setLevel(logging.ERROR)  # mergekit logs through the root logger
@@ -346,42 +495,78 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cpu = f"{os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     where = torch.cuda.get_device_name() if args.cuda else f"CPU ({cpu})"
-    log(f"sources: {', '.join(str(p) for p in models.values())} ({dtype}); {space.dim} genes; device {where}")
-    out: dict[str, Any] = {"device": where, "dtype": dtype, "genes": space.dim,
-                           "models": "mistral-7b-shaped" if args.mistral7b else "toy_zoo",
-                           "threads": args.threads, "load_avg_at_start": load}
+    log(
+        f"sources: {', '.join(str(p) for p in models.values())} ({dtype}); {space.dim} genes; device {where}"
+    )
+    out: dict[str, Any] = {
+        "device": where,
+        "dtype": dtype,
+        "genes": space.dim,
+        "models": "mistral-7b-shaped" if args.mistral7b else "toy_zoo",
+        "threads": args.threads,
+        "load_avg_at_start": load,
+    }
 
     naive = None
     if args.naive:
-        log(f"(a) naive pipeline: mergekit-yaml + lm_eval CLI, {args.naive_candidates} candidates ...")
-        runs = [naive_candidate(space, genome_list[i], args, work, dtype) for i in range(args.naive_candidates)]
-        naive = {k: statistics.fmean(r[k] for r in runs) for k in ("build", "eval", "total")}
-        log(f"    {naive['total']:.2f} s/candidate (mergekit-yaml {naive['build']:.2f} s, lm_eval {naive['eval']:.2f} s)")
-        out.update(naive_s=naive["total"], naive_build_s=naive["build"], naive_eval_s=naive["eval"])
+        log(
+            f"(a) naive pipeline: mergekit-yaml + lm_eval CLI, {args.naive_candidates} candidates ..."
+        )
+        runs = [
+            naive_candidate(space, genome_list[i], args, work, dtype)
+            for i in range(args.naive_candidates)
+        ]
+        naive = {
+            k: statistics.fmean(r[k] for r in runs) for k in ("build", "eval", "total")
+        }
+        log(
+            f"    {naive['total']:.2f} s/candidate (mergekit-yaml {naive['build']:.2f} s, lm_eval {naive['eval']:.2f} s)"
+        )
+        out.update(
+            naive_s=naive["total"],
+            naive_build_s=naive["build"],
+            naive_eval_s=naive["eval"],
+        )
 
     log(f"(b) in-process, on-disk builds: {args.candidates} candidates ...")
     ondisk = in_process(config, sources, space, genome_list, in_memory=False)
-    log(f"    {ondisk['total']:.3f} s/candidate (build {ondisk['build']:.3f} s, eval {ondisk['eval']:.3f} s)")
+    log(
+        f"    {ondisk['total']:.3f} s/candidate (build {ondisk['build']:.3f} s, eval {ondisk['eval']:.3f} s)"
+    )
     log(f"(c) in-process, in-memory builds: {args.candidates} candidates ...")
     inmemory = in_process(config, sources, space, genome_list, in_memory=True)
-    log(f"    {inmemory['total']:.3f} s/candidate (build {inmemory['build']:.3f} s, eval {inmemory['eval']:.3f} s)")
+    log(
+        f"    {inmemory['total']:.3f} s/candidate (build {inmemory['build']:.3f} s, eval {inmemory['eval']:.3f} s)"
+    )
     # The three paths must score the same merge alike, or the comparison is moot.
     agree = np.allclose(ondisk["fitness"], inmemory["fitness"], atol=1e-6)
     if naive is not None:
-        agree = agree and np.allclose([r["fitness"] for r in runs], inmemory["fitness"][: len(runs)], atol=1e-6)
+        agree = agree and np.allclose(
+            [r["fitness"] for r in runs], inmemory["fitness"][: len(runs)], atol=1e-6
+        )
     log(f"    same fitness on every path: {agree}")
 
     floor = read_floor(sources, device)
-    log(f"floor: reading every source tensor once takes {floor:.4f} s; "
-        f"in-memory build = {inmemory['build'] / floor:.1f} x floor")
+    log(
+        f"floor: reading every source tensor once takes {floor:.4f} s; "
+        f"in-memory build = {inmemory['build'] / floor:.1f} x floor"
+    )
     out.update(
-        ondisk_s=ondisk["total"], ondisk_build_s=ondisk["build"], ondisk_eval_s=ondisk["eval"],
-        inmemory_s=inmemory["total"], inmemory_build_s=inmemory["build"], inmemory_eval_s=inmemory["eval"],
-        floor_s=floor, build_over_floor=inmemory["build"] / floor, fitness_agree=bool(agree),
+        ondisk_s=ondisk["total"],
+        ondisk_build_s=ondisk["build"],
+        ondisk_eval_s=ondisk["eval"],
+        inmemory_s=inmemory["total"],
+        inmemory_build_s=inmemory["build"],
+        inmemory_eval_s=inmemory["eval"],
+        floor_s=floor,
+        build_over_floor=inmemory["build"] / floor,
+        fitness_agree=bool(agree),
         speedup=(naive["total"] / inmemory["total"]) if naive else None,
     )
     if naive:
-        log(f"speedup: naive / in-memory = {out['speedup']:.0f}x; naive / on-disk = {naive['total'] / ondisk['total']:.0f}x")
+        log(
+            f"speedup: naive / in-memory = {out['speedup']:.0f}x; naive / on-disk = {naive['total'] / ondisk['total']:.0f}x"
+        )
 
     if args.ray:
         import ray
@@ -393,29 +578,47 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # logical CPUs on 2 cores is fine: only the runner being timed is busy). GPUs
         # cannot be overbooked that way (Ray would hand out device ids that do not exist).
         gpus = {"num_gpus": available} if args.cuda else {}
-        ray.init(address="local", num_cpus=sum(counts), object_store_memory=128 * 2**20,
-                 include_dashboard=False, logging_level=logging.WARNING, **gpus)
-        log(f"Ray with {' and '.join(map(str, counts))} worker(s), 1 {per} each: "
-            f"{args.ray_candidates} candidates each, in {args.ray_rounds} alternating rounds ...")
+        ray.init(
+            address="local",
+            num_cpus=sum(counts),
+            object_store_memory=128 * 2**20,
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            **gpus,
+        )
+        log(
+            f"Ray with {' and '.join(map(str, counts))} worker(s), 1 {per} each: "
+            f"{args.ray_candidates} candidates each, in {args.ray_rounds} alternating rounds ..."
+        )
         try:
             if args.cuda and sum(counts) > available:
                 # Not enough GPUs for all runners at once: one after the other.
                 got = {}
                 for w in counts:
-                    got.update(ray_throughput(models, dtype, args, work, sources, space, [w]))
+                    got.update(
+                        ray_throughput(models, dtype, args, work, sources, space, [w])
+                    )
             else:
                 got = ray_throughput(models, dtype, args, work, sources, space, counts)
         finally:
             ray.shutdown()
         for workers in (1, 2):
             if workers in got:
-                log(f"    {workers} worker(s): {got[workers]['cpm']:.0f} candidates/min, "
-                    f"workers idle {100 * got[workers]['idle_fraction']:.1f}%")
+                log(
+                    f"    {workers} worker(s): {got[workers]['cpm']:.0f} candidates/min, "
+                    f"workers idle {100 * got[workers]['idle_fraction']:.1f}%"
+                )
             else:
                 log(f"    {workers} workers: skipped (only {available} {per}s)")
             out[f"ray{workers}_cpm"] = got[workers]["cpm"] if workers in got else None
-            out[f"ray{workers}_idle_fraction"] = got[workers]["idle_fraction"] if workers in got else None
-        out["ray_speedup"] = out["ray2_cpm"] / out["ray1_cpm"] if out["ray1_cpm"] and out["ray2_cpm"] else None
+            out[f"ray{workers}_idle_fraction"] = (
+                got[workers]["idle_fraction"] if workers in got else None
+            )
+        out["ray_speedup"] = (
+            out["ray2_cpm"] / out["ray1_cpm"]
+            if out["ray1_cpm"] and out["ray2_cpm"]
+            else None
+        )
         if out["ray_speedup"]:
             log(f"Ray speedup, 2 workers / 1 worker: {out['ray_speedup']:.2f}x")
     if not args.work_dir:

@@ -37,7 +37,11 @@ from .mergekit_compat import output_model_config, plan_in_memory
 
 logger = logging.getLogger(__name__)
 
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+TORCH_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
 
 
 @dataclass
@@ -128,16 +132,26 @@ class Builder:
             raise BuildError(f"out of memory while merging: {e}") from e
         except Exception as e:  # mergekit raises plain exceptions of many types
             raise BuildError(f"{type(e).__name__}: {e}") from e
-        return BuiltModel(model, tokenizer or self.tokenizer, time.perf_counter() - start, use_memory)
+        return BuiltModel(
+            model, tokenizer or self.tokenizer, time.perf_counter() - start, use_memory
+        )
 
     def save(self, config: MergeConfiguration, out_dir: str | Path) -> Path:
         """Writes the merged model (with tokenizer) to ``out_dir`` with ``run_merge``."""
         out_dir = Path(out_dir)
         # With an assembler, the merged text model is written aside and then
         # reassembled (e.g. into a VLM checkpoint) at out_dir.
-        text_dir = out_dir if self.assembler is None else Path(tempfile.mkdtemp(prefix="mergekit-evolve-", dir=self.scratch_dir))
+        text_dir = (
+            out_dir
+            if self.assembler is None
+            else Path(tempfile.mkdtemp(prefix="mergekit-evolve-", dir=self.scratch_dir))
+        )
         try:
-            run_merge(config, str(text_dir), options=self.options.model_copy(update={"copy_tokenizer": True}))
+            run_merge(
+                config,
+                str(text_dir),
+                options=self.options.model_copy(update={"copy_tokenizer": True}),
+            )
             if self.assembler is not None:
                 self.assembler.save(text_dir, out_dir)
         except Exception as e:
@@ -152,7 +166,9 @@ class Builder:
         """Loads an existing model directory (a source model, a saved merge)."""
         start = time.perf_counter()
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            str(path), dtype=TORCH_DTYPES[self.dtype], trust_remote_code=self.trust_remote_code
+            str(path),
+            dtype=TORCH_DTYPES[self.dtype],
+            trust_remote_code=self.trust_remote_code,
         ).to(self.device)
         model.eval()
         if self.assembler is not None:
@@ -176,11 +192,15 @@ class Builder:
         # A "union" tokenizer or added tokens change the vocabulary size, which the
         # preallocated model cannot know in advance: leave those to run_merge. Keeping
         # one model's vocabulary (embeddings permuted into it) works in memory.
-        source = config.tokenizer.source if config.tokenizer else config.tokenizer_source
+        source = (
+            config.tokenizer.source if config.tokenizer else config.tokenizer_source
+        )
         adds_tokens = bool(config.tokenizer and config.tokenizer.tokens)
         return not adds_tokens and source != "union"
 
-    def _build_in_memory(self, config: MergeConfiguration) -> transformers.PreTrainedModel:
+    def _build_in_memory(
+        self, config: MergeConfiguration
+    ) -> transformers.PreTrainedModel:
         arch_info = get_architecture_info(config, self.options)
         out_config = output_model_config(config, arch_info, self.trust_remote_code)
         planner = MergePlanner(config, arch_info, self.options, out_config)
@@ -196,7 +216,9 @@ class Builder:
                     continue
                 name = task.weight_info.name
                 if name not in params:
-                    raise BuildError(f"merged tensor {name} has no place in {type(model).__name__}")
+                    raise BuildError(
+                        f"merged tensor {name} has no place in {type(model).__name__}"
+                    )
                 if params[name].shape != tensor.shape:
                     raise BuildError(
                         f"merged tensor {name} has shape {tuple(tensor.shape)}, "
@@ -206,10 +228,14 @@ class Builder:
                 written.add(name)
         missing = self._unwritten(model, written)
         if missing:
-            raise BuildError(f"the merge produced no value for {sorted(missing)[:3]} ({len(missing)} tensors)")
+            raise BuildError(
+                f"the merge produced no value for {sorted(missing)[:3]} ({len(missing)} tensors)"
+            )
         return model
 
-    def _preallocated(self, out_config: transformers.PretrainedConfig) -> transformers.PreTrainedModel:
+    def _preallocated(
+        self, out_config: transformers.PretrainedConfig
+    ) -> transformers.PreTrainedModel:
         """One model per output shape, allocated once and overwritten by every build."""
         key = json.dumps(out_config.to_dict(), sort_keys=True, default=str)
         if key != self._model_key:
@@ -217,7 +243,9 @@ class Builder:
             torch_dtype = TORCH_DTYPES[self.dtype]
             with torch.device(self.device):
                 model = transformers.AutoModelForCausalLM.from_config(
-                    out_config, dtype=torch_dtype, trust_remote_code=self.trust_remote_code
+                    out_config,
+                    dtype=torch_dtype,
+                    trust_remote_code=self.trust_remote_code,
                 )
             model.eval()
             self._model, self._model_key = model, key
@@ -238,14 +266,22 @@ class Builder:
 
     # -- on disk ------------------------------------------------------------------
 
-    def _build_on_disk(self, config: MergeConfiguration) -> tuple[transformers.PreTrainedModel, Any]:
+    def _build_on_disk(
+        self, config: MergeConfiguration
+    ) -> tuple[transformers.PreTrainedModel, Any]:
         """Returns the model, and the merged tokenizer when the merge made one (a
         ``union`` vocabulary, added tokens): the candidate must be scored with it."""
         tmp = Path(tempfile.mkdtemp(prefix="mergekit-evolve-", dir=self.scratch_dir))
         try:
-            run_merge(config, str(tmp), options=self.options.model_copy(update={"copy_tokenizer": False}))
+            run_merge(
+                config,
+                str(tmp),
+                options=self.options.model_copy(update={"copy_tokenizer": False}),
+            )
             model = transformers.AutoModelForCausalLM.from_pretrained(
-                str(tmp), dtype=TORCH_DTYPES[self.dtype], trust_remote_code=self.trust_remote_code
+                str(tmp),
+                dtype=TORCH_DTYPES[self.dtype],
+                trust_remote_code=self.trust_remote_code,
             ).to(self.device)
             model.eval()
             tokenizer = None

@@ -12,7 +12,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -66,7 +66,10 @@ class ModelSpec(StrictModel):
     @field_validator("path")
     @classmethod
     def _resolve(cls, value: str, info: ValidationInfo) -> str:
-        if HUB_ID.match(value) and not (Path((info.context or {}).get("base_dir", ".")) / value).exists():
+        if (
+            HUB_ID.match(value)
+            and not (Path((info.context or {}).get("base_dir", ".")) / value).exists()
+        ):
             return value  # a hub id; resolved later against sources.model_root
         return resolve_path(value, info)
 
@@ -107,9 +110,13 @@ class SourcesConfig(StrictModel):
         names = [m.name for m in self.models]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
-            raise ValueError(f"model names must be unique, got {duplicates} twice (set 'name:')")
+            raise ValueError(
+                f"model names must be unique, got {duplicates} twice (set 'name:')"
+            )
         if self.base_model is not None and self.base_model not in names:
-            raise ValueError(f"base_model {self.base_model!r} is not one of the models {names}")
+            raise ValueError(
+                f"base_model {self.base_model!r} is not one of the models {names}"
+            )
         if self.tokenizer_source not in (None, "base", "union", *names):
             raise ValueError(
                 f"tokenizer_source must be 'base', 'union', null or a model name {names}, "
@@ -294,11 +301,15 @@ class RunnerConfig(StrictModel):
         # Both settings mean nothing to the serial runner: a config that sets them
         # almost certainly forgot `type: ray`, and would silently run on one core.
         if self.type == "serial" and self.workers != 1:
-            raise ValueError(f"workers: {self.workers} workers need type: ray (the serial runner has one)")
+            raise ValueError(
+                f"workers: {self.workers} workers need type: ray (the serial runner has one)"
+            )
         if self.type == "serial" and self.address is not None:
             raise ValueError("address: a Ray cluster address needs type: ray")
         if self.address is not None and not self.address.strip():
-            raise ValueError("address: expected a Ray address such as 'auto' or 'ray://host:10001', got ''")
+            raise ValueError(
+                "address: expected a Ray address such as 'auto' or 'ray://host:10001', got ''"
+            )
         return self
 
 
@@ -350,9 +361,13 @@ class HybridPsConfig(StrictModel):
     @model_validator(mode="after")
     def _one_source(self) -> HybridPsConfig:
         if (self.from_run is None) == (self.space is None):
-            raise ValueError("give either from_run (an earlier run) or space (a PS stage to run), not both or neither")
+            raise ValueError(
+                "give either from_run (an earlier run) or space (a PS stage to run), not both or neither"
+            )
         if self.from_run is not None and self.optimizer is not None:
-            raise ValueError("optimizer belongs to a PS stage run here (space), not to from_run")
+            raise ValueError(
+                "optimizer belongs to a PS stage run here (space), not to from_run"
+            )
         return self
 
 
@@ -399,7 +414,7 @@ class HybridSpaceConfig(StrictModel):
 
 
 SpaceConfig = Annotated[
-    Union[ParameterSpaceConfig, DataflowSpaceConfig, HybridSpaceConfig, TemplateSpaceConfig],
+    ParameterSpaceConfig | DataflowSpaceConfig | HybridSpaceConfig | TemplateSpaceConfig,
     Field(discriminator="type"),
 ]
 
@@ -448,13 +463,19 @@ class RunConfig(StrictModel):
 _FIELD_PREFIX = re.compile(r"^([A-Za-z_][\w]*(?:\.[\w]+)*): (.*)$", re.DOTALL)
 
 
-def format_validation_error(error: ValidationError, source: str, data: Any = None) -> str:
+def format_validation_error(
+    error: ValidationError, source: str, data: Any = None
+) -> str:
     """One line: ``FILE: field.path: message`` (plus a count of further problems)."""
     first = error.errors()[0]
     loc = [str(p) for p in first["loc"] if not str(p).startswith("function-")]
     # The space union is tagged by ``type``: pydantic puts the tag ("parameter") into
     # the location, where the user wrote no such key. Drop it.
-    space_type = data.get("space", {}).get("type") if isinstance(data, dict) and isinstance(data.get("space"), dict) else None
+    space_type = (
+        data.get("space", {}).get("type")
+        if isinstance(data, dict) and isinstance(data.get("space"), dict)
+        else None
+    )
     if len(loc) > 1 and loc[0] == "space" and loc[1] == space_type:
         del loc[1]
     message = first["msg"].removeprefix("Value error, ")
@@ -479,9 +500,13 @@ def parse_config(data: Any, source: str, base_dir: str | Path | None) -> RunConf
         ConfigError: one line naming the field and what was expected.
     """
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+        raise ConfigError(
+            f"{source}: expected a mapping at the top level, got {type(data).__name__}"
+        )
     context = {"base_dir": str(base_dir)} if base_dir is not None else {}
-    data = with_template_sources(data, source, base_dir)  # a template space may omit sources
+    data = with_template_sources(
+        data, source, base_dir
+    )  # a template space may omit sources
     try:
         return RunConfig.model_validate(data, context=context)
     except ValidationError as e:
@@ -507,5 +532,7 @@ def load_config(path: str | Path) -> RunConfig:
         raise ConfigError(f"{path}: not valid YAML: {first_line}") from None
     from .legacy import convert_if_legacy
 
-    data = convert_if_legacy(data, source=str(path), base_dir=path.resolve().parent)  # mergekit's evo format
+    data = convert_if_legacy(
+        data, source=str(path), base_dir=path.resolve().parent
+    )  # mergekit's evo format
     return parse_config(data, source=str(path), base_dir=path.resolve().parent)

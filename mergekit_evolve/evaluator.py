@@ -60,7 +60,12 @@ class Evaluator:
         multimodal: Use lm-eval's ``hf-multimodal`` model type (VLM candidates).
     """
 
-    def __init__(self, suite: EvalSuiteConfig, task_dirs: list[str] | tuple[str, ...] = (), multimodal: bool = False) -> None:
+    def __init__(
+        self,
+        suite: EvalSuiteConfig,
+        task_dirs: list[str] | tuple[str, ...] = (),
+        multimodal: bool = False,
+    ) -> None:
         self.suite = suite
         self.multimodal = multimodal
         names = [t.task for t in suite.tasks]
@@ -74,9 +79,19 @@ class Evaluator:
     def _configure_tasks(self) -> None:
         """Applies the suite's generation and few-shot settings, as simple_evaluate does."""
         for task in self.task_dict["tasks"].values():
-            if self.suite.gen_kwargs and task.get_config("output_type") == "generate_until":
-                task.set_config(key="generation_kwargs", value=dict(self.suite.gen_kwargs), update=True)
-            if self.suite.num_fewshot is not None and task.get_config("num_fewshot") != 0:
+            if (
+                self.suite.gen_kwargs
+                and task.get_config("output_type") == "generate_until"
+            ):
+                task.set_config(
+                    key="generation_kwargs",
+                    value=dict(self.suite.gen_kwargs),
+                    update=True,
+                )
+            if (
+                self.suite.num_fewshot is not None
+                and task.get_config("num_fewshot") != 0
+            ):
                 task.set_config(key="num_fewshot", value=self.suite.num_fewshot)
             elif task.get_config("num_fewshot") is None:
                 task.set_config(key="num_fewshot", value=0)
@@ -89,7 +104,9 @@ class Evaluator:
         samples = {}
         for name, task in sorted(self.task_dict["tasks"].items()):
             size = len(task.eval_docs)
-            samples[name] = sorted(rng.sample(range(size), min(self.suite.subsample, size)))
+            samples[name] = sorted(
+                rng.sample(range(size), min(self.suite.subsample, size))
+            )
         return samples
 
     def _wrapper(self, model: Any, tokenizer: Any):
@@ -102,10 +119,14 @@ class Evaluator:
         if self.multimodal:
             from lm_eval.models.hf_vlms import HFMultimodalLM
 
-            return _quiet(HFMultimodalLM)(pretrained=model, batch_size=self.suite.batch_size)
+            return _quiet(HFMultimodalLM)(
+                pretrained=model, batch_size=self.suite.batch_size
+            )
         from lm_eval.models.huggingface import HFLM
 
-        return _quiet(HFLM)(pretrained=model, tokenizer=tokenizer, batch_size=self.suite.batch_size)
+        return _quiet(HFLM)(
+            pretrained=model, tokenizer=tokenizer, batch_size=self.suite.batch_size
+        )
 
     def evaluate(self, model: Any, tokenizer: Any) -> Scored:
         """Scores ``model`` on every task of the suite.
@@ -136,7 +157,11 @@ class Evaluator:
         if not output or "results" not in output:
             raise EvalError("lm-eval returned no results")
         metrics = {
-            task: {k: float(v) for k, v in res.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            task: {
+                k: float(v)
+                for k, v in res.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)
+            }
             for task, res in output["results"].items()
         }
         return Scored(metrics, time.perf_counter() - start)

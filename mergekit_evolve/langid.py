@@ -23,7 +23,9 @@ def _detector() -> Any:
     # "lite" is the bundled lid.176.ftz; the default model ("auto") downloads
     # lid.176.bin and fails offline. No truncation (the default cuts input to 80
     # characters) and no lowercasing, so the model sees what the paper's code gave it.
-    return LangDetector(LangDetectConfig(model="lite", max_input_length=None, normalize_input=False))
+    return LangDetector(
+        LangDetectConfig(model="lite", max_input_length=None, normalize_input=False)
+    )
 
 
 def japanese_probability(text: str) -> float:

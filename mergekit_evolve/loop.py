@@ -65,7 +65,11 @@ def make_builder(config: RunConfig, sources: SourceSet) -> Builder:
         sources: Its source models (the tokenizer comes from one of them).
     """
     tokenizer_model = config.sources.tokenizer_model()
-    tokenizer_path = sources.by_name(tokenizer_model).path if tokenizer_model else sources.models[0].path
+    tokenizer_path = (
+        sources.by_name(tokenizer_model).path
+        if tokenizer_model
+        else sources.models[0].path
+    )
     return Builder(
         dtype=config.dtype,
         device="cuda" if config.builder.cuda else "cpu",
@@ -82,7 +86,9 @@ def _vlm_assembler(config: RunConfig, sources: SourceSet):
         return None
     from .vlm import make_assembler
 
-    return make_assembler(config.vlm, sources, config.dtype, "cuda" if config.builder.cuda else "cpu")
+    return make_assembler(
+        config.vlm, sources, config.dtype, "cuda" if config.builder.cuda else "cpu"
+    )
 
 
 def make_worker(
@@ -109,9 +115,19 @@ def make_worker(
         from .vlm import text_sources
 
         sources = text_sources(config.vlm, sources)
-    space = space if space is not None else make_space(config.space, sources, config.dtype)
-    evaluator = Evaluator(config.fitness, config.fitness.task_dirs, multimodal=config.vlm is not None)
-    return Worker(space, make_builder(config, sources), evaluator, list(config.fitness.tasks), name=name)
+    space = (
+        space if space is not None else make_space(config.space, sources, config.dtype)
+    )
+    evaluator = Evaluator(
+        config.fitness, config.fitness.task_dirs, multimodal=config.vlm is not None
+    )
+    return Worker(
+        space,
+        make_builder(config, sources),
+        evaluator,
+        list(config.fitness.tasks),
+        name=name,
+    )
 
 
 @dataclass
@@ -151,7 +167,9 @@ class Evolution:
         planned_models: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         if config.space.type == "hybrid":
-            raise ConfigError("space.type: a hybrid runs in two stages; use mergekit_evolve.hybrid.HybridEvolution")
+            raise ConfigError(
+                "space.type: a hybrid runs in two stages; use mergekit_evolve.hybrid.HybridEvolution"
+            )
         self.config = config
         self.progress = progress
         self.run_dir = Path(config.output.dir)
@@ -161,7 +179,13 @@ class Evolution:
         if config.vlm is not None:
             from .vlm import plan_toy_vlm
 
-            planned.update(plan_toy_vlm(config.vlm, config.toy_zoo.dir if config.toy_zoo else None, build_zoo))
+            planned.update(
+                plan_toy_vlm(
+                    config.vlm,
+                    config.toy_zoo.dir if config.toy_zoo else None,
+                    build_zoo,
+                )
+            )
         self.sources: SourceSet = load_sources(config.sources, planned=planned)
         if config.vlm is not None:
             # Spaces and mergekit see the VLM's text decoder (extracted once, cached)
@@ -199,7 +223,9 @@ class Evolution:
         self.optimizer.start(state)
         first = np.asarray(self.optimizer.ask(state)[0].genome, dtype=float)
         recipe = self.space.recipe_yaml(first, self.space.decode(first))
-        return DryRun(self.space.dim, self.space.gene_names(), len(state.pending), recipe)
+        return DryRun(
+            self.space.dim, self.space.gene_names(), len(state.pending), recipe
+        )
 
     # -- the search -----------------------------------------------------------------
 
@@ -220,8 +246,12 @@ class Evolution:
         runner = self._make_runner(worker)
         budget = self.config.optimizer.max_evals
         bar = tqdm(
-            total=budget, initial=min(len(results), budget), desc="candidates", unit="cand",
-            disable=not self.progress, dynamic_ncols=True,
+            total=budget,
+            initial=min(len(results), budget),
+            desc="candidates",
+            unit="cand",
+            disable=not self.progress,
+            dynamic_ncols=True,
         )
         self._show_best(bar, results)
 
@@ -241,14 +271,18 @@ class Evolution:
                 for result in runner.evaluate(todo[: budget - len(results)]):
                     if not result.ok:
                         result.status = "failed"
-                        result.fitness = failure_penalty([r.fitness for r in results.values() if r.ok])
+                        result.fitness = failure_penalty(
+                            [r.fitness for r in results.values() if r.ok]
+                        )
                     history.append(result)
                     results[result.index] = result
                     bar.update(1)
                     self._show_best(bar, results)
                 if all(c.index in results for c in state.pending):
                     generation = [results[c.index] for c in state.pending]
-                    self.optimizer.tell(state, state.pending, [r.fitness for r in generation])
+                    self.optimizer.tell(
+                        state, state.pending, [r.fitness for r in generation]
+                    )
                     state.generation += 1
                     state.pending = []
                     state.best = best_result(results)
@@ -276,7 +310,9 @@ class Evolution:
             self.optimizer.start(state)
             save_state(run_dir, state)
         (run_dir / CONFIG_FILE).write_text(
-            yaml.safe_dump(self.config.model_dump(mode="json"), sort_keys=False, allow_unicode=True),
+            yaml.safe_dump(
+                self.config.model_dump(mode="json"), sort_keys=False, allow_unicode=True
+            ),
             encoding="utf-8",
         )
         return state, History(run_dir)
@@ -304,11 +340,15 @@ class Evolution:
     def _show_best(bar: tqdm, results: dict[int, Result]) -> None:
         best = best_result(results)
         failed = sum(not r.ok for r in results.values())
-        bar.set_postfix(best=f"{best.fitness:.4f}" if best else "-", failed=failed, refresh=False)
+        bar.set_postfix(
+            best=f"{best.fitness:.4f}" if best else "-", failed=failed, refresh=False
+        )
 
     # -- final outputs --------------------------------------------------------------
 
-    def _finish(self, state: RunState, results: dict[int, Result], worker: Worker) -> dict[str, Any]:
+    def _finish(
+        self, state: RunState, results: dict[int, Result], worker: Worker
+    ) -> dict[str, Any]:
         best = state.best
         if best is None:
             raise MergekitEvolveError(
@@ -318,7 +358,9 @@ class Evolution:
 
         best_config = MergeConfiguration.model_validate(best.merge_config)
         # The space decides the text: a template space keeps the user's own file.
-        best_yaml = self.space.recipe_yaml(np.asarray(best.genome, dtype=float), best_config)
+        best_yaml = self.space.recipe_yaml(
+            np.asarray(best.genome, dtype=float), best_config
+        )
         (self.run_dir / BEST_FILE).write_text(best_yaml, encoding="utf-8")
         heldout = self._heldout(best_config, worker.builder)
         if self.config.output.save_final:
@@ -329,7 +371,12 @@ class Evolution:
         if self.config.output.plots:
             report.plot_fitness(ordered, self.run_dir / PLOT_FILE)
         summary = report.summarize(
-            self.config, self.space, ordered, best, heldout, wall_seconds=state.wall_seconds
+            self.config,
+            self.space,
+            ordered,
+            best,
+            heldout,
+            wall_seconds=state.wall_seconds,
         )
         if getattr(self, "_runner_stats", None) is not None:
             summary["runner"] = self._runner_stats()
@@ -341,14 +388,23 @@ class Evolution:
         suite = self.config.heldout
         if not suite.tasks:
             return {}
-        evaluator = Evaluator(suite, self.config.fitness.task_dirs, multimodal=self.config.vlm is not None)
+        evaluator = Evaluator(
+            suite, self.config.fitness.task_dirs, multimodal=self.config.vlm is not None
+        )
 
         def score(built) -> dict[str, float]:
-            return objective.scores(evaluator.evaluate(built.model, built.tokenizer).metrics, suite.tasks)
+            return objective.scores(
+                evaluator.evaluate(built.model, built.tokenizer).metrics, suite.tasks
+            )
 
         out: dict[str, Any] = {"best": score(builder.build(best_config))}
         if suite.sources:
-            out["sources"] = {m.name: score(builder.load(m.path)) for m in self.sources.models}
+            out["sources"] = {
+                m.name: score(builder.load(m.path)) for m in self.sources.models
+            }
         if suite.baselines:
-            out["baselines"] = {name: score(builder.build(cfg)) for name, cfg in self.space.baselines().items()}
+            out["baselines"] = {
+                name: score(builder.build(cfg))
+                for name, cfg in self.space.baselines().items()
+            }
         return out

@@ -17,10 +17,14 @@ def task_score(metrics: Metrics, spec: TaskSpec) -> float:
         EvalError: the task or key is missing (the message lists what is there).
     """
     if spec.task not in metrics:
-        raise EvalError(f"lm-eval returned no results for task {spec.task!r} (got: {sorted(metrics)})")
+        raise EvalError(
+            f"lm-eval returned no results for task {spec.task!r} (got: {sorted(metrics)})"
+        )
     results = metrics[spec.task]
     if spec.key not in results:
-        raise EvalError(f"task {spec.task!r} has no metric {spec.key!r} (available: {sorted(results)})")
+        raise EvalError(
+            f"task {spec.task!r} has no metric {spec.key!r} (available: {sorted(results)})"
+        )
     return float(results[spec.key])
 
 

@@ -44,14 +44,20 @@ class Optimizer(ABC):
         """One generation of genomes, shape (population, dim)."""
 
     @abstractmethod
-    def tell(self, state: RunState, candidates: Sequence[Candidate], fitness: Sequence[float]) -> None:
+    def tell(
+        self, state: RunState, candidates: Sequence[Candidate], fitness: Sequence[float]
+    ) -> None:
         """Updates ``state.optimizer`` with the fitness (higher is better) of a generation."""
 
     def ask(self, state: RunState) -> list[Candidate]:
         """Asks for a generation, numbers its candidates and records them as pending."""
         genomes = self._ask(state)
         candidates = [
-            Candidate(index=state.asked + i, generation=state.generation, genome=tuple(float(v) for v in g))
+            Candidate(
+                index=state.asked + i,
+                generation=state.generation,
+                genome=tuple(float(v) for v in g),
+            )
             for i, g in enumerate(genomes)
         ]
         state.asked += len(candidates)
@@ -72,7 +78,9 @@ class CmaOptimizer(Optimizer):
     def __init__(self, config: OptimizerConfig, dim: int, x0: np.ndarray) -> None:
         super().__init__(config, dim, x0)
         if dim < 2:
-            raise ConfigError("optimizer.type: CMA-ES needs at least 2 genes; use type 'random' or a finer space")
+            raise ConfigError(
+                "optimizer.type: CMA-ES needs at least 2 genes; use type 'random' or a finer space"
+            )
 
     def population(self) -> int:
         # cma's default, 4 + floor(3 ln n), spelled out so reports can show it.
@@ -99,9 +107,13 @@ class CmaOptimizer(Optimizer):
         state.optimizer = {"es": pickle.dumps(es)}
         return genomes
 
-    def tell(self, state: RunState, candidates: Sequence[Candidate], fitness: Sequence[float]) -> None:
+    def tell(
+        self, state: RunState, candidates: Sequence[Candidate], fitness: Sequence[float]
+    ) -> None:
         es = _load_es(state.optimizer["es"])
-        es.tell([np.array(c.genome) for c in candidates], [-f for f in fitness])  # cma minimizes
+        es.tell(
+            [np.array(c.genome) for c in candidates], [-f for f in fitness]
+        )  # cma minimizes
         state.optimizer = {"es": pickle.dumps(es)}
 
 
@@ -139,9 +151,15 @@ def _solution_dicts(obj, depth: int = 0, seen: set[int] | None = None) -> list:
 
 def _rekey(solutions) -> None:
     new_key = {old: solutions.key(x) for old, x in solutions._unhashed_keys.items()}
-    solutions.data = type(solutions.data)((new_key.get(k, k), v) for k, v in solutions.data.items())
-    solutions.data_with_same_key = {new_key.get(k, k): v for k, v in solutions.data_with_same_key.items()}
-    solutions._unhashed_keys = {new_key[k]: x for k, x in solutions._unhashed_keys.items()}
+    solutions.data = type(solutions.data)(
+        (new_key.get(k, k), v) for k, v in solutions.data.items()
+    )
+    solutions.data_with_same_key = {
+        new_key.get(k, k): v for k, v in solutions.data_with_same_key.items()
+    }
+    solutions._unhashed_keys = {
+        new_key[k]: x for k, x in solutions._unhashed_keys.items()
+    }
 
 
 @OPTIMIZERS.register("random")
@@ -153,7 +171,9 @@ class RandomOptimizer(Optimizer):
         return self.config.population or 8
 
     def start(self, state: RunState) -> None:
-        state.optimizer = {"rng": np.random.default_rng(self.config.seed).bit_generator.state}
+        state.optimizer = {
+            "rng": np.random.default_rng(self.config.seed).bit_generator.state
+        }
 
     def _ask(self, state: RunState) -> np.ndarray:
         rng = np.random.default_rng()
@@ -164,7 +184,9 @@ class RandomOptimizer(Optimizer):
         state.optimizer = {"rng": rng.bit_generator.state}
         return genomes
 
-    def tell(self, state: RunState, candidates: Sequence[Candidate], fitness: Sequence[float]) -> None:
+    def tell(
+        self, state: RunState, candidates: Sequence[Candidate], fitness: Sequence[float]
+    ) -> None:
         """Random search learns nothing."""
 
 

@@ -18,7 +18,14 @@ from typing import Any
 from .state import Result
 
 
-def summarize(config, space, results: Sequence[Result], best: Result, heldout: dict[str, Any], wall_seconds: float) -> dict[str, Any]:
+def summarize(
+    config,
+    space,
+    results: Sequence[Result],
+    best: Result,
+    heldout: dict[str, Any],
+    wall_seconds: float,
+) -> dict[str, Any]:
     """The content of ``summary.json``."""
     ok = [r for r in results if r.ok]
     return {
@@ -30,8 +37,12 @@ def summarize(config, space, results: Sequence[Result], best: Result, heldout: d
         "failed": len(results) - len(ok),
         "wall_seconds": round(wall_seconds, 2),
         "seconds_per_candidate": {
-            "build": round(statistics.fmean(r.build_seconds for r in ok), 4) if ok else None,
-            "eval": round(statistics.fmean(r.eval_seconds for r in ok), 4) if ok else None,
+            "build": round(statistics.fmean(r.build_seconds for r in ok), 4)
+            if ok
+            else None,
+            "eval": round(statistics.fmean(r.eval_seconds for r in ok), 4)
+            if ok
+            else None,
         },
         "fitness": {
             "best": best.fitness,
@@ -46,7 +57,9 @@ def summarize(config, space, results: Sequence[Result], best: Result, heldout: d
 
 def write_summary(summary: dict[str, Any], path: Path) -> None:
     tmp = Path(path).with_suffix(".tmp")
-    tmp.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.write_text(
+        json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
     tmp.replace(path)
 
 
@@ -61,9 +74,22 @@ def plot_fitness(results: Sequence[Result], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     ok = [r for r in results if r.ok]
     failed = [r for r in results if not r.ok]
-    ax.scatter([r.index for r in ok], [r.fitness for r in ok], s=8, alpha=0.5, label="candidate")
+    ax.scatter(
+        [r.index for r in ok],
+        [r.fitness for r in ok],
+        s=8,
+        alpha=0.5,
+        label="candidate",
+    )
     if failed:
-        ax.scatter([r.index for r in failed], [r.fitness for r in failed], s=14, marker="x", color="red", label="failed")
+        ax.scatter(
+            [r.index for r in failed],
+            [r.fitness for r in failed],
+            s=14,
+            marker="x",
+            color="red",
+            label="failed",
+        )
     best, line = float("-inf"), []
     for r in results:
         if r.ok:
@@ -78,13 +104,24 @@ def plot_fitness(results: Sequence[Result], path: Path) -> None:
     plt.close(fig)
 
 
-def heldout_rows(summary: dict[str, Any], best_label: str = "evolved best") -> list[tuple[str, dict[str, float]]]:
+def heldout_rows(
+    summary: dict[str, Any], best_label: str = "evolved best"
+) -> list[tuple[str, dict[str, float]]]:
     """(label, {task: score}) rows: sources, baselines, then the best candidate."""
     heldout = summary.get("heldout", {})
-    rows = [(f"source: {name}", scores) for name, scores in heldout.get("sources", {}).items()]
-    rows += [(f"baseline: {name}", scores) for name, scores in heldout.get("baselines", {}).items()]
+    rows = [
+        (f"source: {name}", scores)
+        for name, scores in heldout.get("sources", {}).items()
+    ]
+    rows += [
+        (f"baseline: {name}", scores)
+        for name, scores in heldout.get("baselines", {}).items()
+    ]
     # A hybrid's earlier stages: the PS best its DFS stage started from.
-    rows += [(f"{STAGE_LABELS.get(stage, stage)} (stage {stage})", scores) for stage, scores in heldout.get("stages", {}).items()]
+    rows += [
+        (f"{STAGE_LABELS.get(stage, stage)} (stage {stage})", scores)
+        for stage, scores in heldout.get("stages", {}).items()
+    ]
     if "best" in heldout:
         rows.append((best_label, heldout["best"]))
     return rows
@@ -95,12 +132,18 @@ BEST_LABELS = {"parameter": "PS best", "dataflow": "DFS best", "hybrid": "hybrid
 STAGE_LABELS = {"ps": "PS best", "dfs": "DFS stage best"}
 
 
-def comparison_rows(summaries: Sequence[dict[str, Any]]) -> list[tuple[str, dict[str, float]]]:
+def comparison_rows(
+    summaries: Sequence[dict[str, Any]],
+) -> list[tuple[str, dict[str, float]]]:
     """Rows of one table over several runs: every source and baseline once, then the
     stages and best of each run, labeled ``"DFS best (toy_dfs)"`` and so on. A source or
     baseline whose label recurs with other scores (a baseline over other models) is
     shown again, suffixed with its run's name."""
-    groups: dict[str, list[tuple[str, dict[str, float]]]] = {"source": [], "baseline": [], "best": []}
+    groups: dict[str, list[tuple[str, dict[str, float]]]] = {
+        "source": [],
+        "baseline": [],
+        "best": [],
+    }
     seen: dict[str, dict[str, float]] = {}
 
     def add(group: str, label: str, scores: dict[str, float], run: str) -> None:
@@ -120,9 +163,16 @@ def comparison_rows(summaries: Sequence[dict[str, Any]]) -> list[tuple[str, dict
     for summary in summaries:
         heldout, run = summary.get("heldout", {}), summary["name"]
         for stage, scores in heldout.get("stages", {}).items():
-            add("best", f"{STAGE_LABELS.get(stage, stage)} ({run}, stage {stage})", scores, run)
+            add(
+                "best",
+                f"{STAGE_LABELS.get(stage, stage)} ({run}, stage {stage})",
+                scores,
+                run,
+            )
         if "best" in heldout:
-            label = BEST_LABELS.get(summary.get("space", {}).get("type"), "evolved best")
+            label = BEST_LABELS.get(
+                summary.get("space", {}).get("type"), "evolved best"
+            )
             add("best", f"{label} ({run})", heldout["best"], run)
     return [row for group in groups.values() for row in group]
 
@@ -131,11 +181,17 @@ def comparison_tasks(summaries: Sequence[dict[str, Any]]) -> list[str]:
     """The held-out tasks of several runs, in order of first appearance."""
     tasks: list[str] = []
     for summary in summaries:
-        tasks += [t for t in summary.get("heldout", {}).get("tasks", []) if t not in tasks]
+        tasks += [
+            t for t in summary.get("heldout", {}).get("tasks", []) if t not in tasks
+        ]
     return tasks
 
 
-def markdown_table(rows: Sequence[tuple[str, dict[str, float]]], tasks: Sequence[str], scale: float = 100.0) -> str:
+def markdown_table(
+    rows: Sequence[tuple[str, dict[str, float]]],
+    tasks: Sequence[str],
+    scale: float = 100.0,
+) -> str:
     """A Markdown table of scores (x ``scale``, one decimal)."""
     lines = ["| model | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
     for label, scores in rows:
@@ -150,7 +206,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     compare = "--compare" in args
     args = [a for a in args if a != "--compare"]
     if not args:
-        print("usage: python -m mergekit_evolve.report [--compare] RUN_DIR [RUN_DIR...]", file=sys.stderr)
+        print(
+            "usage: python -m mergekit_evolve.report [--compare] RUN_DIR [RUN_DIR...]",
+            file=sys.stderr,
+        )
         return 2
     if compare:
         return _print_comparison(args)

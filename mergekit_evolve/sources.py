@@ -46,7 +46,9 @@ class ModelInfo:
     def num_layers(self) -> int:
         layers = self.text_config.get("num_hidden_layers")
         if not isinstance(layers, int):
-            raise ConfigError(f"{self.path}/config.json: no integer 'num_hidden_layers'")
+            raise ConfigError(
+                f"{self.path}/config.json: no integer 'num_hidden_layers'"
+            )
         return layers
 
     @property
@@ -67,7 +69,9 @@ def read_model_info(name: str, path: str) -> ModelInfo:
     """
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
-        raise ConfigError(f"model {name!r}: {config_file} not found (expected a model directory)")
+        raise ConfigError(
+            f"model {name!r}: {config_file} not found (expected a model directory)"
+        )
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
@@ -94,7 +98,9 @@ class SourceSet:
     @property
     def experts(self) -> tuple[ModelInfo, ...]:
         """The models that get genes of their own: every model except the base."""
-        return tuple(m for m in self.models if self.base is None or m.name != self.base.name)
+        return tuple(
+            m for m in self.models if self.base is None or m.name != self.base.name
+        )
 
     def by_name(self, name: str) -> ModelInfo:
         for m in self.models:
@@ -107,7 +113,9 @@ class SourceSet:
         """The common depth of the sources (parameter-space merges need one)."""
         depths = {m.name: m.num_layers for m in self.models}
         if len(set(depths.values())) != 1:
-            raise ConfigError(f"sources.models: parameter-space merges need equal depths, got {depths}")
+            raise ConfigError(
+                f"sources.models: parameter-space merges need equal depths, got {depths}"
+            )
         return next(iter(depths.values()))
 
 
@@ -156,7 +164,11 @@ def load_sources(config, planned: dict[str, dict[str, Any]] | None = None) -> So
         else:
             infos.append(ModelInfo(spec.name, path, _hub_config(spec.name, path, i)))
     base = next((m for m in infos if m.name == config.base_model), None)
-    return SourceSet(models=tuple(infos), base=base, tokenizer_source=_tokenizer_source(config, infos))
+    return SourceSet(
+        models=tuple(infos),
+        base=base,
+        tokenizer_source=_tokenizer_source(config, infos),
+    )
 
 
 def _tokenizer_source(config, infos: list[ModelInfo]) -> str | None:
@@ -172,7 +184,9 @@ def _hub_config(name: str, hub_id: str, index: int) -> dict[str, Any]:
     try:
         from huggingface_hub import hf_hub_download
 
-        return json.loads(Path(hf_hub_download(hub_id, "config.json")).read_text(encoding="utf-8"))
+        return json.loads(
+            Path(hf_hub_download(hub_id, "config.json")).read_text(encoding="utf-8")
+        )
     except Exception as e:  # offline, gated, missing: all mean "cannot read it here"
         raise ConfigError(
             f"sources.models.{index}.path: cannot read config.json of hub model {hub_id!r} "

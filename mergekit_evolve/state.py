@@ -67,12 +67,18 @@ class Result:
 
     @property
     def ok(self) -> bool:
-        return self.status == "ok" and self.fitness is not None and math.isfinite(self.fitness)
+        return (
+            self.status == "ok"
+            and self.fitness is not None
+            and math.isfinite(self.fitness)
+        )
 
     def to_json(self) -> str:
         """One JSON line; NaN and infinities (a diverged candidate's metrics) become
         null, which strict JSON readers accept."""
-        return json.dumps(_finite(asdict(self)), ensure_ascii=False, allow_nan=False, default=str)
+        return json.dumps(
+            _finite(asdict(self)), ensure_ascii=False, allow_nan=False, default=str
+        )
 
     @classmethod
     def from_json(cls, line: str) -> Result:

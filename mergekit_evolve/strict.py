@@ -31,7 +31,9 @@ class Bounds(StrictModel):
     @model_validator(mode="after")
     def _ordered(self) -> Bounds:
         if not self.min < self.max:
-            raise ValueError(f"bounds are inverted or empty: min {self.min} >= max {self.max}")
+            raise ValueError(
+                f"bounds are inverted or empty: min {self.min} >= max {self.max}"
+            )
         return self
 
     def scale(self, unit: float) -> float:

@@ -19,18 +19,25 @@ def project_task_dir() -> Path:
     for candidate in (package / "evals", package.parent / "evals"):
         if candidate.is_dir():
             return candidate
-    raise ConfigError(f"the project's evals/ folder is missing (looked beside {package})")
+    raise ConfigError(
+        f"the project's evals/ folder is missing (looked beside {package})"
+    )
 
 
 @lru_cache(maxsize=4)
 def _task_manager(task_dirs: tuple[str, ...], include_defaults: bool):
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=[str(project_task_dir()), *task_dirs], include_defaults=include_defaults)
+    return TaskManager(
+        include_path=[str(project_task_dir()), *task_dirs],
+        include_defaults=include_defaults,
+    )
 
 
 def task_manager_for(
-    names: list[str], task_dirs: list[str] | tuple[str, ...] = (), fields: dict[str, str] | None = None
+    names: list[str],
+    task_dirs: list[str] | tuple[str, ...] = (),
+    fields: dict[str, str] | None = None,
 ):
     """One TaskManager per process that knows every task in ``names``.
 

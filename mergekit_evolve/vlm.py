@@ -83,18 +83,31 @@ REST_PREFIXES = (
     ("model.image_newline", "image_newline"),
 )
 # Causal LM -> saved VLM layout.
-TEXT_TO_VLM = (("model.", "language_model.model."), ("lm_head.", "language_model.lm_head."))
+TEXT_TO_VLM = (
+    ("model.", "language_model.model."),
+    ("lm_head.", "language_model.lm_head."),
+)
 # Vocabulary-sized tensors of a causal LM (row axis 0).
 VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
 # Per-layer config lists that must follow the depth (transformers >= 4.54 keeps some).
 PER_LAYER_KEYS = ("layer_types",)
 # Files of the template that are not weights or config: processor, tokenizer, template.
-_NOT_PROCESSOR = {"config.json", "model.safetensors", "model.safetensors.index.json", "split.json"}
+_NOT_PROCESSOR = {
+    "config.json",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "split.json",
+}
 MANIFEST = "split.json"
 # Files a causal-LM text decoder needs besides weights and config.
 TOKENIZER_FILES = (
-    "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
-    "chat_template.jinja", "chat_template.json", "generation_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
 )
 
 
@@ -145,7 +158,9 @@ class VlmConfig(StrictModel):
     def cache_path(self) -> Path:
         if self.cache_dir is not None:
             return Path(self.cache_dir)
-        root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        root = os.environ.get("XDG_CACHE_HOME") or os.path.join(
+            os.path.expanduser("~"), ".cache"
+        )
         return Path(root) / "mergekit_evolve" / "vlm"
 
 
@@ -185,8 +200,12 @@ def text_decoder_config(vlm_config: dict[str, Any]) -> dict[str, Any]:
     text = {k: v for k, v in vlm_config["text_config"].items() if not k.startswith("_")}
     model_type = text.pop("model_type", "llama")
     if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise UnsupportedModelError(f"text decoder of model_type {model_type!r} has no causal-LM class in transformers")
-    architectures = text.pop("architectures", None) or [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]]
+        raise UnsupportedModelError(
+            f"text decoder of model_type {model_type!r} has no causal-LM class in transformers"
+        )
+    architectures = text.pop("architectures", None) or [
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]
+    ]
     full = AutoConfig.for_model(model_type, **text).to_dict()
     full["architectures"] = list(architectures)
     full.pop("transformers_version", None)
@@ -209,7 +228,11 @@ def convert_vlm_config(vlm_config: dict[str, Any], loading: str) -> dict[str, An
             "vlm.loading: llava_next needs a LLaVA-NeXT source; this one is "
             f"{vlm_config.get('architectures')} (use loading: llava or auto)"
         )
-    out = {k: v for k, v in vlm_config.items() if k not in ("image_grid_pinpoints", "use_image_newline_parameter")}
+    out = {
+        k: v
+        for k, v in vlm_config.items()
+        if k not in ("image_grid_pinpoints", "use_image_newline_parameter")
+    }
     out["model_type"] = "llava"
     out["architectures"] = [_CLASS_OF["llava"]]
     vision = vlm_config["vision_config"]
@@ -226,7 +249,12 @@ def _depth_consistent(text_config: dict[str, Any]) -> dict[str, Any]:
     depth = out.get("num_hidden_layers")
     for key in PER_LAYER_KEYS:
         values = out.get(key)
-        if isinstance(values, list) and values and isinstance(depth, int) and len(values) != depth:
+        if (
+            isinstance(values, list)
+            and values
+            and isinstance(depth, int)
+            and len(values) != depth
+        ):
             out[key] = (values * (depth // len(values) + 1))[:depth]
     return out
 
@@ -248,7 +276,9 @@ def weight_files(model_dir: str | Path) -> list[Path]:
     single = model_dir / "model.safetensors"
     if single.is_file():
         return [single]
-    raise ConfigError(f"{model_dir}: no model.safetensors or model.safetensors.index.json (only safetensors checkpoints are supported)")
+    raise ConfigError(
+        f"{model_dir}: no model.safetensors or model.safetensors.index.json (only safetensors checkpoints are supported)"
+    )
 
 
 def _keys(file: Path) -> list[str]:
@@ -262,7 +292,9 @@ def _read(file: Path, names: list[str] | None = None) -> dict[str, torch.Tensor]
     from safetensors import safe_open
 
     with safe_open(str(file), "pt") as handle:
-        return {k: handle.get_tensor(k) for k in (handle.keys() if names is None else names)}
+        return {
+            k: handle.get_tensor(k) for k in (handle.keys() if names is None else names)
+        }
 
 
 def read_tensors(model_dir: str | Path, names: list[str]) -> dict[str, torch.Tensor]:
@@ -296,9 +328,17 @@ class _ShardWriter:
         from safetensors.torch import save_file
 
         self.written += 1
-        name = "model.safetensors" if self.count == 1 else f"model-{self.written:05d}-of-{self.count:05d}.safetensors"
+        name = (
+            "model.safetensors"
+            if self.count == 1
+            else f"model-{self.written:05d}-of-{self.count:05d}.safetensors"
+        )
         # safetensors refuses views of shared storage: save contiguous copies.
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(self.out_dir / name), metadata={"format": "pt"})
+        save_file(
+            {k: v.contiguous() for k, v in tensors.items()},
+            str(self.out_dir / name),
+            metadata={"format": "pt"},
+        )
         self.index.update({k: name for k in tensors})
         self.total += sum(t.numel() * t.element_size() for t in tensors.values())
 
@@ -307,7 +347,11 @@ class _ShardWriter:
             raise BuildError(f"wrote {self.written} shards, expected {self.count}")
         if self.count > 1:
             (self.out_dir / "model.safetensors.index.json").write_text(
-                json.dumps({"metadata": {"total_size": self.total}, "weight_map": self.index}, indent=2) + "\n",
+                json.dumps(
+                    {"metadata": {"total_size": self.total}, "weight_map": self.index},
+                    indent=2,
+                )
+                + "\n",
                 encoding="utf-8",
             )
 
@@ -325,13 +369,18 @@ def _map_checkpoint(
         The number of tensors written.
     """
     files = [(f, {k: mapping(k) for k in _keys(f)}) for f in weight_files(src_dir)]
-    files = [(f, {k: n for k, n in names.items() if n is not None}) for f, names in files]
+    files = [
+        (f, {k: n for k, n in names.items() if n is not None}) for f, names in files
+    ]
     files = [(f, names) for f, names in files if names]
     writer = _ShardWriter(out_dir, len(files) + (1 if extra else 0))
     count = 0
     for file, names in files:
         tensors = _read(file, list(names))
-        mapped = {names[k]: (transform(names[k], t) if transform else t) for k, t in tensors.items()}
+        mapped = {
+            names[k]: (transform(names[k], t) if transform else t)
+            for k, t in tensors.items()
+        }
         writer.write(mapped)
         count += len(mapped)
         del tensors, mapped
@@ -349,11 +398,16 @@ def _copy_files(src_dir: Path, out_dir: Path, keep: Callable[[str], bool]) -> No
 
 
 def _is_weight(name: str) -> bool:
-    return name.endswith((".safetensors", ".bin", ".pt", ".pth")) or name.endswith(".index.json")
+    return name.endswith((".safetensors", ".bin", ".pt", ".pth")) or name.endswith(
+        ".index.json"
+    )
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+    path.write_text(
+        json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n",
+        encoding="utf-8",
+    )
 
 
 def _atomic_dir(target: Path, build: Callable[[Path], None]) -> Path:
@@ -375,7 +429,9 @@ def _atomic_dir(target: Path, build: Callable[[Path], None]) -> Path:
 # --------------------------------------------------------------------------- split
 
 
-def split_vlm(src_dir: str | Path, out_dir: str | Path, loading: str = "auto") -> tuple[Path, Path]:
+def split_vlm(
+    src_dir: str | Path, out_dir: str | Path, loading: str = "auto"
+) -> tuple[Path, Path]:
     """Splits a VLM checkpoint into a causal-LM text decoder and a VLM template.
 
     Args:
@@ -415,8 +471,18 @@ def split_vlm(src_dir: str | Path, out_dir: str | Path, loading: str = "auto") -
         _write_json(template / "config.json", vlm_config)
         # Tokenizer for the text decoder; processor, tokenizer and chat template for
         # the template (the candidates' processor).
-        _copy_files(src_dir, text_dir, lambda n: n in TOKENIZER_FILES or n.startswith("tokenizer"))
-        _copy_files(src_dir, template, lambda n: n not in _NOT_PROCESSOR and not _is_weight(n) and n != "config.json")
+        _copy_files(
+            src_dir,
+            text_dir,
+            lambda n: n in TOKENIZER_FILES or n.startswith("tokenizer"),
+        )
+        _copy_files(
+            src_dir,
+            template,
+            lambda n: (
+                n not in _NOT_PROCESSOR and not _is_weight(n) and n != "config.json"
+            ),
+        )
         if vlm_config["model_type"] != config.get("model_type"):
             _write_llava_processor(src_dir, template, vlm_config)
 
@@ -424,7 +490,9 @@ def split_vlm(src_dir: str | Path, out_dir: str | Path, loading: str = "auto") -
     return out_dir / "text", out_dir / "vlm"
 
 
-def _write_llava_processor(src_dir: Path, template: Path, vlm_config: dict[str, Any]) -> None:
+def _write_llava_processor(
+    src_dir: Path, template: Path, vlm_config: dict[str, Any]
+) -> None:
     """A ``LlavaProcessor`` (single crop) made from a LLaVA-NeXT source's processor:
     its tokenizer and chat template, and a CLIP image processor with the NeXT
     processor's crop size, resizing and normalization."""
@@ -433,8 +501,19 @@ def _write_llava_processor(src_dir: Path, template: Path, vlm_config: dict[str, 
     source = transformers.AutoProcessor.from_pretrained(str(src_dir))
     next_images = source.image_processor
     settings = {}
-    for key in ("size", "crop_size", "do_resize", "do_center_crop", "do_rescale", "rescale_factor",
-                "do_normalize", "image_mean", "image_std", "do_convert_rgb", "resample"):
+    for key in (
+        "size",
+        "crop_size",
+        "do_resize",
+        "do_center_crop",
+        "do_rescale",
+        "rescale_factor",
+        "do_normalize",
+        "image_mean",
+        "image_std",
+        "do_convert_rgb",
+        "resample",
+    ):
         value = getattr(next_images, key, None)
         if value is not None:
             settings[key] = dict(value) if hasattr(value, "keys") else value
@@ -444,11 +523,15 @@ def _write_llava_processor(src_dir: Path, template: Path, vlm_config: dict[str, 
         image_processor=images,
         tokenizer=source.tokenizer,
         patch_size=int(vision.get("patch_size", 14)),
-        vision_feature_select_strategy=vlm_config.get("vision_feature_select_strategy", "default"),
+        vision_feature_select_strategy=vlm_config.get(
+            "vision_feature_select_strategy", "default"
+        ),
         chat_template=getattr(source, "chat_template", None),
         image_token=getattr(source, "image_token", "<image>"),
         # CLIP prepends a class token, which the "default" strategy drops again.
-        num_additional_image_tokens=1 if vision.get("model_type", "clip_vision_model").startswith("clip") else 0,
+        num_additional_image_tokens=1
+        if vision.get("model_type", "clip_vision_model").startswith("clip")
+        else 0,
     )
     for item in template.iterdir():
         if item.name not in _NOT_PROCESSOR and not _is_weight(item.name):
@@ -456,7 +539,9 @@ def _write_llava_processor(src_dir: Path, template: Path, vlm_config: dict[str, 
     processor.save_pretrained(str(template))
 
 
-def pad_vocab(src_dir: str | Path, out_dir: str | Path, donor_dir: str | Path, vocab_size: int) -> Path:
+def pad_vocab(
+    src_dir: str | Path, out_dir: str | Path, donor_dir: str | Path, vocab_size: int
+) -> Path:
     """A copy of a causal LM whose vocabulary-sized tensors are extended to
     ``vocab_size`` rows with the donor's rows (the VLM's text decoder).
 
@@ -474,12 +559,16 @@ def pad_vocab(src_dir: str | Path, out_dir: str | Path, donor_dir: str | Path, v
             return tensor
         rows = tensor.shape[0]
         if rows > vocab_size:
-            raise ConfigError(f"{src_dir}: {name} has {rows} rows, more than the VLM's {vocab_size}")
+            raise ConfigError(
+                f"{src_dir}: {name} has {rows} rows, more than the VLM's {vocab_size}"
+            )
         if rows == vocab_size:
             return tensor
         extra = donor[name][rows:vocab_size]
         if extra.shape[1:] != tensor.shape[1:]:
-            raise ConfigError(f"{src_dir}: {name} has shape {tuple(tensor.shape)}, the VLM's {tuple(donor[name].shape)}")
+            raise ConfigError(
+                f"{src_dir}: {name} has shape {tuple(tensor.shape)}, the VLM's {tuple(donor[name].shape)}"
+            )
         return torch.cat([tensor, extra.to(tensor.dtype)])
 
     def build(tmp: Path) -> None:
@@ -512,16 +601,24 @@ def check_tokenizers(expert_dir: str | Path, vlm_text_dir: str | Path) -> None:
 # --------------------------------------------------------------------------- reassemble
 
 
-def merged_vlm_config(template_config: dict[str, Any], text_config: dict[str, Any]) -> dict[str, Any]:
+def merged_vlm_config(
+    template_config: dict[str, Any], text_config: dict[str, Any]
+) -> dict[str, Any]:
     """The template's VLM config with the merged model's text config (depth, vocabulary)."""
-    text = {k: v for k, v in text_config.items() if k not in ("architectures", "transformers_version", "_name_or_path")}
+    text = {
+        k: v
+        for k, v in text_config.items()
+        if k not in ("architectures", "transformers_version", "_name_or_path")
+    }
     out = {**template_config, "text_config": _depth_consistent(text)}
     if "vocab_size" in template_config:
         out["vocab_size"] = text.get("vocab_size", template_config["vocab_size"])
     return out
 
 
-def reassemble(text_dir: str | Path, template_dir: str | Path, out_dir: str | Path) -> Path:
+def reassemble(
+    text_dir: str | Path, template_dir: str | Path, out_dir: str | Path
+) -> Path:
     """Writes a VLM checkpoint from a (merged) causal LM and a VLM template.
 
     The vision tower, projector and processor files are the template's, unchanged;
@@ -537,7 +634,9 @@ def reassemble(text_dir: str | Path, template_dir: str | Path, out_dir: str | Pa
         ``out_dir``.
     """
     text_dir, template_dir, out_dir = Path(text_dir), Path(template_dir), Path(out_dir)
-    template_config = json.loads((template_dir / "config.json").read_text(encoding="utf-8"))
+    template_config = json.loads(
+        (template_dir / "config.json").read_text(encoding="utf-8")
+    )
     text_config = json.loads((text_dir / "config.json").read_text(encoding="utf-8"))
     rest = {}
     for file in weight_files(template_dir):
@@ -545,8 +644,12 @@ def reassemble(text_dir: str | Path, template_dir: str | Path, out_dir: str | Pa
 
     def build(tmp: Path) -> None:
         _map_checkpoint(text_dir, tmp, lambda k: _rename(k, TEXT_TO_VLM), extra=rest)
-        _write_json(tmp / "config.json", merged_vlm_config(template_config, text_config))
-        _copy_files(template_dir, tmp, lambda n: n not in _NOT_PROCESSOR and not _is_weight(n))
+        _write_json(
+            tmp / "config.json", merged_vlm_config(template_config, text_config)
+        )
+        _copy_files(
+            template_dir, tmp, lambda n: n not in _NOT_PROCESSOR and not _is_weight(n)
+        )
 
     return _atomic_dir(out_dir, build)
 
@@ -567,7 +670,9 @@ class VlmAssembler:
         device: Device of the shell.
     """
 
-    def __init__(self, template_dir: str | Path, dtype: str = "float32", device: str = "cpu") -> None:
+    def __init__(
+        self, template_dir: str | Path, dtype: str = "float32", device: str = "cpu"
+    ) -> None:
         self.template_dir = Path(template_dir)
         self.dtype, self.device = dtype, device
         self._shell: transformers.PreTrainedModel | None = None
@@ -583,7 +688,11 @@ class VlmAssembler:
             for key in PER_LAYER_KEYS:
                 if getattr(config.text_config, key, None) is not None:
                     setattr(config.text_config, key, [])
-            dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[self.dtype]
+            dtype = {
+                "float32": torch.float32,
+                "float16": torch.float16,
+                "bfloat16": torch.bfloat16,
+            }[self.dtype]
             # The template holds no language-model tensors: transformers initializes
             # the empty decoder's embeddings and head, which wrap() replaces.
             previous = transformers.logging.get_verbosity()
@@ -597,7 +706,9 @@ class VlmAssembler:
             self._shell = shell.to(self.device).eval()
         return self._shell
 
-    def wrap(self, text_model: transformers.PreTrainedModel) -> transformers.PreTrainedModel:
+    def wrap(
+        self, text_model: transformers.PreTrainedModel
+    ) -> transformers.PreTrainedModel:
         """The VLM candidate whose language model is ``text_model`` (shared, not copied).
 
         Raises:
@@ -607,10 +718,14 @@ class VlmAssembler:
         text_config = text_model.config
         projector_out = shell.model.multi_modal_projector.linear_2.out_features
         if text_config.hidden_size != projector_out:
-            raise BuildError(f"merged text model has hidden size {text_config.hidden_size}, the projector outputs {projector_out}")
+            raise BuildError(
+                f"merged text model has hidden size {text_config.hidden_size}, the projector outputs {projector_out}"
+            )
         image_token = shell.config.image_token_id
         if text_config.vocab_size <= image_token:
-            raise BuildError(f"merged text model has {text_config.vocab_size} tokens; the image token is id {image_token}")
+            raise BuildError(
+                f"merged text model has {text_config.vocab_size} tokens; the image token is id {image_token}"
+            )
         shell.model.language_model = text_model.model
         shell.lm_head = text_model.lm_head
         shell.config.text_config = text_config
@@ -653,7 +768,9 @@ def _fingerprint(info: ModelInfo, *parts: Any) -> str:
         for f in sorted(directory.glob("*.safetensors")):
             stat = f.stat()
             blob.append([f.name, stat.st_size, int(stat.st_mtime)])
-    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return hashlib.sha256(
+        json.dumps(blob, sort_keys=True, default=str).encode()
+    ).hexdigest()[:12]
 
 
 def _local_dir(path: str) -> str:
@@ -665,17 +782,30 @@ def _local_dir(path: str) -> str:
         from huggingface_hub import snapshot_download
 
         return snapshot_download(
-            path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
+            path,
+            allow_patterns=[
+                "*.json",
+                "*.safetensors",
+                "*.model",
+                "*.txt",
+                "*.jinja",
+                "tokenizer*",
+            ],
         )
     except Exception as e:  # offline, gated, missing: all mean "cannot read it here"
-        raise ConfigError(f"cannot download {path!r} to split or pad it ({type(e).__name__}: {e})") from None
+        raise ConfigError(
+            f"cannot download {path!r} to split or pad it ({type(e).__name__}: {e})"
+        ) from None
 
 
 def _cached(entry: Path, fingerprint: str, build: Callable[[Path], Any]) -> None:
     manifest = entry / MANIFEST
     if manifest.is_file():
         try:
-            if json.loads(manifest.read_text(encoding="utf-8")).get("fingerprint") == fingerprint:
+            if (
+                json.loads(manifest.read_text(encoding="utf-8")).get("fingerprint")
+                == fingerprint
+            ):
                 logger.info("vlm: reusing %s", entry)
                 return
         except (OSError, ValueError):
@@ -685,7 +815,9 @@ def _cached(entry: Path, fingerprint: str, build: Callable[[Path], Any]) -> None
     _write_json(manifest, {"fingerprint": fingerprint, "version": SPLIT_VERSION})
 
 
-def prepare_sources(config: VlmConfig, sources: SourceSet, write: bool = True) -> tuple[SourceSet, VlmSetup]:
+def prepare_sources(
+    config: VlmConfig, sources: SourceSet, write: bool = True
+) -> tuple[SourceSet, VlmSetup]:
     """Rewrites a run's sources so spaces and mergekit see only causal LMs.
 
     The VLM source becomes its text decoder; text sources with a smaller vocabulary
@@ -708,7 +840,9 @@ def prepare_sources(config: VlmConfig, sources: SourceSet, write: bool = True) -
     try:
         vlm = sources.by_name(config.model)
     except KeyError:
-        raise ConfigError(f"vlm.model: {config.model!r} is not one of the sources {[m.name for m in sources.models]}") from None
+        raise ConfigError(
+            f"vlm.model: {config.model!r} is not one of the sources {[m.name for m in sources.models]}"
+        ) from None
     try:
         vlm_kind(vlm)
         convert_vlm_config(vlm.config, config.loading)
@@ -716,14 +850,18 @@ def prepare_sources(config: VlmConfig, sources: SourceSet, write: bool = True) -
         raise UnsupportedModelError(f"vlm.model: {e}") from None
     others = [m.name for m in sources.models if m.name != vlm.name and m.is_vlm]
     if others:
-        raise ConfigError(f"sources.models: only the vlm.model may be a VLM; {others} are VLMs too")
+        raise ConfigError(
+            f"sources.models: only the vlm.model may be a VLM; {others} are VLMs too"
+        )
     cache = config.cache_path()
     key = _fingerprint(vlm, config.loading)
     entry = cache / f"{vlm.name}-{key}"
     text_config = text_decoder_config(vlm.config)
     vocab = int(text_config["vocab_size"])
     if write:
-        _cached(entry, key, lambda e: split_vlm(_local_dir(vlm.path), e, config.loading))
+        _cached(
+            entry, key, lambda e: split_vlm(_local_dir(vlm.path), e, config.loading)
+        )
     rewritten = {vlm.name: (vlm.path, str(entry / "text"))}
     infos = []
     for info in sources.models:
@@ -744,39 +882,60 @@ def prepare_sources(config: VlmConfig, sources: SourceSet, write: bool = True) -
         if write:
             local = _local_dir(info.path)
             check_tokenizers(local, entry / "text")
-            _cached(padded, pad_key, lambda p, d=local: pad_vocab(d, p, entry / "text", vocab))
-        infos.append(ModelInfo(info.name, str(padded), {**info.config, "vocab_size": vocab}))
+            _cached(
+                padded,
+                pad_key,
+                lambda p, d=local: pad_vocab(d, p, entry / "text", vocab),
+            )
+        infos.append(
+            ModelInfo(info.name, str(padded), {**info.config, "vocab_size": vocab})
+        )
         rewritten[info.name] = (info.path, str(padded))
     models = tuple(infos)
-    base = next((m for m in models if sources.base is not None and m.name == sources.base.name), None)
+    base = next(
+        (m for m in models if sources.base is not None and m.name == sources.base.name),
+        None,
+    )
     if getattr(sources, "tokenizer_source", None) is not None:
         # After padding every source has the VLM's vocabulary: re-indexing embeddings
         # onto one source's tokenizer would drop the image token, so there is none.
-        logger.info("vlm: merging in the VLM's vocabulary; sources.tokenizer_source is not used")
+        logger.info(
+            "vlm: merging in the VLM's vocabulary; sources.tokenizer_source is not used"
+        )
         sources = replace(sources, tokenizer_source=None)
-    return replace(sources, models=models, base=base), VlmSetup(entry / "vlm", vlm, rewritten)
+    return replace(sources, models=models, base=base), VlmSetup(
+        entry / "vlm", vlm, rewritten
+    )
 
 
-def text_sources(config: VlmConfig, sources: SourceSet, write: bool = True) -> SourceSet:
+def text_sources(
+    config: VlmConfig, sources: SourceSet, write: bool = True
+) -> SourceSet:
     """:func:`prepare_sources` for callers that hold sources either as configured or
     already rewritten (a Ray worker gets the rewritten ones): idempotent."""
     try:
         vlm = sources.by_name(config.model)
     except KeyError:
-        raise ConfigError(f"vlm.model: {config.model!r} is not one of the sources") from None
+        raise ConfigError(
+            f"vlm.model: {config.model!r} is not one of the sources"
+        ) from None
     if not vlm.is_vlm:
         return sources
     return prepare_sources(config, sources, write=write)[0]
 
 
-def make_assembler(config: VlmConfig, sources: SourceSet, dtype: str = "float32", device: str = "cpu") -> VlmAssembler:
+def make_assembler(
+    config: VlmConfig, sources: SourceSet, dtype: str = "float32", device: str = "cpu"
+) -> VlmAssembler:
     """The builder's post-build step for a run whose sources were rewritten by
     :func:`prepare_sources` (the template sits beside the VLM's text decoder)."""
     text_dir = Path(sources.by_name(config.model).path)
     return VlmAssembler(text_dir.parent / "vlm", dtype=dtype, device=device)
 
 
-def plan_toy_vlm(config: VlmConfig, zoo_dir: str | None, build: bool) -> dict[str, dict[str, Any]]:
+def plan_toy_vlm(
+    config: VlmConfig, zoo_dir: str | None, build: bool
+) -> dict[str, dict[str, Any]]:
     """Builds the toy VLM when the config asks for one (``build``), or returns the
     config it will have, keyed by its path (for ``--dry-run``).
 
@@ -786,7 +945,9 @@ def plan_toy_vlm(config: VlmConfig, zoo_dir: str | None, build: bool) -> dict[st
     if config.toy is None:
         return {}
     if zoo_dir is None:
-        raise ConfigError("vlm.toy: the toy VLM is built from the toy zoo's base model; add a toy_zoo block")
+        raise ConfigError(
+            "vlm.toy: the toy VLM is built from the toy zoo's base model; add a toy_zoo block"
+        )
     from .toy.vlm import build_toy_vlm, toy_vlm_config
 
     if build:

@@ -36,7 +36,14 @@ class Worker:
         name: Shown in ``history.jsonl`` (which worker evaluated a candidate).
     """
 
-    def __init__(self, space: SearchSpace, builder: Builder, evaluator: Evaluator, tasks: list[TaskSpec], name: str | None = None) -> None:
+    def __init__(
+        self,
+        space: SearchSpace,
+        builder: Builder,
+        evaluator: Evaluator,
+        tasks: list[TaskSpec],
+        name: str | None = None,
+    ) -> None:
         self.space = space
         self.builder = builder
         self.evaluator = evaluator
@@ -46,11 +53,19 @@ class Worker:
     def evaluate(self, candidate: Candidate) -> Result:
         """Scores one candidate; never raises for an expected candidate failure."""
         genome = np.array(candidate.genome)
-        result = Result(candidate.index, candidate.generation, list(candidate.genome), status="failed", worker=self.name)
+        result = Result(
+            candidate.index,
+            candidate.generation,
+            list(candidate.genome),
+            status="failed",
+            worker=self.name,
+        )
         try:
             result.genes = self.space.describe(genome)
             merge_config = self.space.decode(genome)
-            result.merge_config = merge_config.model_dump(mode="json", exclude_none=True)
+            result.merge_config = merge_config.model_dump(
+                mode="json", exclude_none=True
+            )
             built = self.builder.build(merge_config)
             result.build_seconds = built.seconds
             scored = self.evaluator.evaluate(built.model, built.tokenizer)

@@ -16,8 +16,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import copy
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import yaml
@@ -34,7 +35,10 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     from mergekit_evolve.toy import make_tiny_random_llama
 
     root = tmp_path_factory.mktemp("tiny_models")
-    return {name: make_tiny_random_llama(root / name, seed=i) for i, name in enumerate(["base", "a", "b"])}
+    return {
+        name: make_tiny_random_llama(root / name, seed=i)
+        for i, name in enumerate(["base", "a", "b"])
+    }
 
 
 @pytest.fixture(scope="session")
@@ -67,16 +71,24 @@ def load_task_utils(task_dir: Path, name: str):
     return module
 
 
-def tiny_config(models: dict[str, Path], output: Path, **sections: Any) -> dict[str, Any]:
+def tiny_config(
+    models: dict[str, Path], output: Path, **sections: Any
+) -> dict[str, Any]:
     """A small, valid run config over ``models``; ``sections`` replace top-level keys."""
     config: dict[str, Any] = {
         "name": "test",
         "sources": {
-            "models": [{"name": name, "path": str(path)} for name, path in models.items()],
+            "models": [
+                {"name": name, "path": str(path)} for name, path in models.items()
+            ],
             "base_model": next(iter(models)),
             "dtype": "float32",
         },
-        "space": {"type": "parameter", "method": "task_arithmetic", "granularity": "global"},
+        "space": {
+            "type": "parameter",
+            "method": "task_arithmetic",
+            "granularity": "global",
+        },
         "optimizer": {"type": "cma", "population": 4, "max_evals": 8, "seed": 0},
         "fitness": {"tasks": [{"task": "toy_ja_sub_fitness"}], "limit": 20},
         "heldout": {"tasks": [{"task": "toy_ja_sub_heldout"}], "limit": 20},

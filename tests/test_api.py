@@ -15,7 +15,6 @@ from mergekit_evolve import Search, Trial
 from mergekit_evolve.config import parse_config
 from mergekit_evolve.errors import ConfigError
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest
 
 

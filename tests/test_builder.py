@@ -21,8 +21,14 @@ def ties_config(models: dict[str, Path], weights=(0.7, 0.4)) -> MergeConfigurati
             "merge_method": "ties",
             "base_model": str(models["base"]),
             "models": [
-                {"model": str(models["a"]), "parameters": {"weight": [weights[0], 0.2], "density": 0.6}},
-                {"model": str(models["b"]), "parameters": {"weight": weights[1], "density": 0.8}},
+                {
+                    "model": str(models["a"]),
+                    "parameters": {"weight": [weights[0], 0.2], "density": 0.6},
+                },
+                {
+                    "model": str(models["b"]),
+                    "parameters": {"weight": weights[1], "density": 0.8},
+                },
             ],
             "dtype": "float32",
         }
@@ -52,7 +58,12 @@ def test_on_disk_path_gives_the_same_model_and_removes_its_files(tiny_models, tm
     config = ties_config(tiny_models)
     scratch = tmp_path / "scratch"
     scratch.mkdir()
-    on_disk = Builder(dtype="float32", in_memory=False, tokenizer_path=str(tiny_models["base"]), scratch_dir=str(scratch))
+    on_disk = Builder(
+        dtype="float32",
+        in_memory=False,
+        tokenizer_path=str(tiny_models["base"]),
+        scratch_dir=str(scratch),
+    )
     in_memory = Builder(dtype="float32", tokenizer_path=str(tiny_models["base"]))
     a, b = on_disk.build(config), in_memory.build(config)
     assert not a.in_memory
@@ -67,9 +78,13 @@ def test_in_memory_builds_reuse_one_model_and_overwrite_it(tiny_models):
     logits_first = first.model(torch.tensor([[3, 4, 5]])).logits.clone()
     second = builder.build(ties_config(tiny_models, (0.1, 0.9)))
     assert second.model is first.model  # so the evaluator's wrapper is reused
-    assert not torch.allclose(second.model(torch.tensor([[3, 4, 5]])).logits, logits_first)
+    assert not torch.allclose(
+        second.model(torch.tensor([[3, 4, 5]])).logits, logits_first
+    )
     again = builder.build(ties_config(tiny_models, (0.7, 0.4)))
-    torch.testing.assert_close(again.model(torch.tensor([[3, 4, 5]])).logits, logits_first)
+    torch.testing.assert_close(
+        again.model(torch.tensor([[3, 4, 5]])).logits, logits_first
+    )
 
 
 def test_merge_error_becomes_build_error(tiny_models, tmp_path):
@@ -77,17 +92,23 @@ def test_merge_error_becomes_build_error(tiny_models, tmp_path):
     broken.mkdir()
     (broken / "config.json").write_text((tiny_models["a"] / "config.json").read_text())
     config = MergeConfiguration.model_validate(
-        {"merge_method": "linear", "models": [
-            {"model": str(tiny_models["a"]), "parameters": {"weight": 0.5}},
-            {"model": str(broken), "parameters": {"weight": 0.5}},
-        ], "dtype": "float32"}
+        {
+            "merge_method": "linear",
+            "models": [
+                {"model": str(tiny_models["a"]), "parameters": {"weight": 0.5}},
+                {"model": str(broken), "parameters": {"weight": 0.5}},
+            ],
+            "dtype": "float32",
+        }
     )
     with pytest.raises(BuildError):
         Builder(dtype="float32", tokenizer_path=str(tiny_models["a"])).build(config)
 
 
 def test_load_reads_a_model_directory(tiny_models):
-    built = Builder(dtype="float32", tokenizer_path=str(tiny_models["base"])).load(tiny_models["a"])
+    built = Builder(dtype="float32", tokenizer_path=str(tiny_models["base"])).load(
+        tiny_models["a"]
+    )
     reference = saved_tensors(tiny_models["a"])
     name = "model.layers.0.mlp.down_proj.weight"
     torch.testing.assert_close(built.model.state_dict()[name], reference[name])
@@ -97,20 +118,28 @@ def test_load_reads_a_model_directory(tiny_models):
 def test_deep_stack_builds_in_memory_with_a_new_depth(tiny_models):
     # A passthrough stack deeper than its sources gets its own preallocated model.
     config = MergeConfiguration.model_validate(
-        {"merge_method": "passthrough", "dtype": "float32", "slices": [
-            {"sources": [{"model": str(tiny_models["a"]), "layer_range": [0, 2]}]},
-            {"sources": [{"model": str(tiny_models["b"]), "layer_range": [0, 2]}]},
-        ]}
+        {
+            "merge_method": "passthrough",
+            "dtype": "float32",
+            "slices": [
+                {"sources": [{"model": str(tiny_models["a"]), "layer_range": [0, 2]}]},
+                {"sources": [{"model": str(tiny_models["b"]), "layer_range": [0, 2]}]},
+            ],
+        }
     )
     built = Builder(dtype="float32", tokenizer_path=str(tiny_models["a"])).build(config)
     assert built.in_memory and built.model.config.num_hidden_layers == 4
     np.testing.assert_array_equal(
         built.model.state_dict()["model.layers.2.self_attn.q_proj.weight"].numpy(),
-        saved_tensors(tiny_models["b"])["model.layers.0.self_attn.q_proj.weight"].numpy(),
+        saved_tensors(tiny_models["b"])[
+            "model.layers.0.self_attn.q_proj.weight"
+        ].numpy(),
     )
 
 
-def test_a_union_vocabulary_builds_on_disk_with_its_own_tokenizer(tiny_models, tmp_path):
+def test_a_union_vocabulary_builds_on_disk_with_its_own_tokenizer(
+    tiny_models, tmp_path
+):
     # Give model b two extra tokens: the union vocabulary is larger than any source's
     # preallocated shape, so the build must go through run_merge and bring its tokenizer.
     import transformers
@@ -123,10 +152,15 @@ def test_a_union_vocabulary_builds_on_disk_with_its_own_tokenizer(tiny_models, t
     model.save_pretrained(extended)
     tokenizer.save_pretrained(extended)
     config = MergeConfiguration.model_validate(
-        {"merge_method": "linear", "dtype": "float32", "tokenizer_source": "union", "models": [
-            {"model": str(tiny_models["a"]), "parameters": {"weight": 0.5}},
-            {"model": str(extended), "parameters": {"weight": 0.5}},
-        ]}
+        {
+            "merge_method": "linear",
+            "dtype": "float32",
+            "tokenizer_source": "union",
+            "models": [
+                {"model": str(tiny_models["a"]), "parameters": {"weight": 0.5}},
+                {"model": str(extended), "parameters": {"weight": 0.5}},
+            ],
+        }
     )
     built = Builder(dtype="float32", tokenizer_path=str(tiny_models["a"])).build(config)
     assert not built.in_memory

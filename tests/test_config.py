@@ -22,11 +22,15 @@ def good(tiny_models, tmp_path) -> dict:
     return tiny_config(tiny_models, tmp_path / "run")
 
 
-def test_relative_paths_resolve_against_the_config_file(tiny_models, tmp_path, monkeypatch):
+def test_relative_paths_resolve_against_the_config_file(
+    tiny_models, tmp_path, monkeypatch
+):
     config_dir = tmp_path / "configs"
     config_dir.mkdir()
     data = tiny_config(tiny_models, Path("../runs/x"))
-    data["sources"]["models"][0]["path"] = os.path.relpath(tiny_models["base"], config_dir)
+    data["sources"]["models"][0]["path"] = os.path.relpath(
+        tiny_models["base"], config_dir
+    )
     (config_dir / "c.yml").write_text(yaml.safe_dump(data))
     monkeypatch.chdir(tiny_models["a"])  # the working directory must not matter
     config = load_config(config_dir / "c.yml")
@@ -51,8 +55,13 @@ def test_config_hash_ignores_output_and_budget_but_not_the_search(good, tmp_path
     other_output["optimizer"]["max_evals"] = 99
     other_seed = copy.deepcopy(good)
     other_seed["optimizer"]["seed"] = 7
-    assert parse_config(other_output, "c.yml", tmp_path).config_hash() == base.config_hash()
-    assert parse_config(other_seed, "c.yml", tmp_path).config_hash() != base.config_hash()
+    assert (
+        parse_config(other_output, "c.yml", tmp_path).config_hash()
+        == base.config_hash()
+    )
+    assert (
+        parse_config(other_seed, "c.yml", tmp_path).config_hash() != base.config_hash()
+    )
 
 
 def test_overrides_are_revalidated(good, tmp_path):
@@ -81,24 +90,58 @@ def _break(config: dict, path: str, value) -> dict:
 # (id, dotted path to change, new value, text the one-line error must contain)
 MALFORMED = [
     ("missing-field", "fitness", "DELETE", "fitness: field required"),
-    ("unknown-method", "space.method", "super_merge", "space.method: unknown mergekit merge method"),
+    (
+        "unknown-method",
+        "space.method",
+        "super_merge",
+        "space.method: unknown mergekit merge method",
+    ),
     ("wrong-type", "optimizer.population", "ten", "optimizer.population"),
-    ("nonexistent-model", "sources.models.1.path", "/no/such/model", "sources.models.1.path"),
-    ("unknown-task", "fitness.tasks.0.task", "toy_ja_sub_fitnes", "fitness.tasks.0.task: unknown lm-eval task"),
-    ("inverted-bounds", "space.parameters", {"weight": [1.0, 0.0]}, "space.parameters.weight: bounds are inverted"),
+    (
+        "nonexistent-model",
+        "sources.models.1.path",
+        "/no/such/model",
+        "sources.models.1.path",
+    ),
+    (
+        "unknown-task",
+        "fitness.tasks.0.task",
+        "toy_ja_sub_fitnes",
+        "fitness.tasks.0.task: unknown lm-eval task",
+    ),
+    (
+        "inverted-bounds",
+        "space.parameters",
+        {"weight": [1.0, 0.0]},
+        "space.parameters.weight: bounds are inverted",
+    ),
     ("unknown-key", "optimiser", {"seed": 1}, "optimiser: unknown key"),
     ("base-not-a-source", "sources.base_model", "mistral", "sources"),
-    ("negative-weights", "space.parameters", {"weight": [-1.0, 1.0]}, "space.parameters.weight: range [-1.0, 1.0] goes below 0"),
+    (
+        "negative-weights",
+        "space.parameters",
+        {"weight": [-1.0, 1.0]},
+        "space.parameters.weight: range [-1.0, 1.0] goes below 0",
+    ),
     ("bad-granularity", "space.granularity", "per_head", "space.granularity"),
     ("unknown-space", "space.type", "genetic", "space"),
-    ("bad-metric-param", "space.parameters", {"lambda_x": [0, 1]}, "space.parameters.lambda_x: task_arithmetic has no"),
+    (
+        "bad-metric-param",
+        "space.parameters",
+        {"lambda_x": [0, 1]},
+        "space.parameters.lambda_x: task_arithmetic has no",
+    ),
     ("zero-budget", "optimizer.max_evals", 0, "optimizer.max_evals"),
     ("bad-dtype", "sources.dtype", "float8", "sources.dtype"),
 ]
 
 
-@pytest.mark.parametrize("field,value,expected", [m[1:] for m in MALFORMED], ids=[m[0] for m in MALFORMED])
-def test_malformed_config_is_one_line_exit_2_and_no_run_dir(good, write_config, tmp_path, field, value, expected):
+@pytest.mark.parametrize(
+    "field,value,expected", [m[1:] for m in MALFORMED], ids=[m[0] for m in MALFORMED]
+)
+def test_malformed_config_is_one_line_exit_2_and_no_run_dir(
+    good, write_config, tmp_path, field, value, expected
+):
     path = write_config(_break(good, field, value))
     result = CliRunner().invoke(main, [str(path)])
     assert result.exit_code == 2, result.output
@@ -119,7 +162,11 @@ def test_unreadable_config_file(tmp_path, content, expected):
     path.write_text(content)
     result = CliRunner().invoke(main, [str(path)])
     assert result.exit_code == 2
-    assert result.stderr.count("\n") == 1 and expected in result.stderr and "bad.yml" in result.stderr
+    assert (
+        result.stderr.count("\n") == 1
+        and expected in result.stderr
+        and "bad.yml" in result.stderr
+    )
 
 
 def test_missing_config_file(tmp_path):

@@ -15,7 +15,9 @@ from mergekit_evolve.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
 # Template files are mergekit YAMLs that a run config points at, not run configs.
-RUN_CONFIGS = sorted(p for p in (REPO / "configs").glob("*.yml") if not p.name.endswith(".merge.yml"))
+RUN_CONFIGS = sorted(
+    p for p in (REPO / "configs").glob("*.yml") if not p.name.endswith(".merge.yml")
+)
 LEGACY = {"toy_legacy.yml"}  # mergekit's legacy format: its dry run needs the zoo built
 
 
@@ -23,7 +25,9 @@ LEGACY = {"toy_legacy.yml"}  # mergekit's legacy format: its dry run needs the z
 def test_committed_config_dry_runs_offline(config, monkeypatch, tmp_path):
     if config.name in LEGACY:
         pytest.skip("covered by tests/test_legacy.py")
-    monkeypatch.setenv("MERGEKIT_EVOLVE_MODEL_ROOT", str(REPO / "tests" / "fixtures" / "models"))
+    monkeypatch.setenv(
+        "MERGEKIT_EVOLVE_MODEL_ROOT", str(REPO / "tests" / "fixtures" / "models")
+    )
     monkeypatch.chdir(tmp_path)  # configs must not depend on the working directory
     result = CliRunner().invoke(main, [str(config), "--dry-run"])
     assert result.exit_code == 0, result.output
@@ -45,7 +49,12 @@ def test_ja_math_config_follows_the_paper():
     assert set(config.space.searched()) == {"weight", "density"}
     assert (config.optimizer.x0, round(config.optimizer.sigma0, 3)) == (0.5, 0.167)
     assert 900 <= config.optimizer.max_evals <= 1100
-    assert [(t.task, t.metric) for t in config.fitness.tasks] == [("ja_gsm8k_fitness", "acc_ja")]
-    assert {t.task for t in config.heldout.tasks} == {"mgsm_ja_evo", "ja_leaderboard_avg"}
+    assert [(t.task, t.metric) for t in config.fitness.tasks] == [
+        ("ja_gsm8k_fitness", "acc_ja")
+    ]
+    assert {t.task for t in config.heldout.tasks} == {
+        "mgsm_ja_evo",
+        "ja_leaderboard_avg",
+    }
     assert config.builder.cuda and config.dtype == "bfloat16"
     assert config.sources.base_model == "mistral" and len(config.sources.models) == 4

@@ -12,7 +12,6 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
-
 from conftest import load_task_utils
 from lm_eval.api.model import LM
 

@@ -10,7 +10,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import load_task_utils
 from lm_eval.api.model import LM
 
@@ -41,7 +40,9 @@ class ScriptedVLM(LM):
         for request in requests:
             self.requests.append(request.args)
             context = request.args[0]
-            outputs.append(next((out for key, out in self.answers.items() if key in context), ""))
+            outputs.append(
+                next((out for key, out in self.answers.items() if key in context), "")
+            )
         return outputs
 
     def loglikelihood(self, requests):
@@ -69,7 +70,9 @@ def _evaluate(task_manager, names, lm):
     from lm_eval.evaluator import evaluate
     from lm_eval.tasks import get_task_dict
 
-    return evaluate(lm=lm, task_dict=get_task_dict(names, task_manager), bootstrap_iters=0)["results"]
+    return evaluate(
+        lm=lm, task_dict=get_task_dict(names, task_manager), bootstrap_iters=0
+    )["results"]
 
 
 # ----------------------------------------------------------------------------- metric
@@ -79,22 +82,45 @@ def _evaluate(task_manager, names, lm):
     ("reference", "prediction", "ref_tokens", "pred_tokens", "expected"),
     [
         # LCS 5 of 6 reference / 5 prediction tokens: P = 1, R = 5/6, F = 10/11.
-        ("白い猫が座っている", "猫が座っている",
-         ["白い", "猫", "が", "座っ", "て", "いる"], ["猫", "が", "座っ", "て", "いる"], 100 * 10 / 11),
+        (
+            "白い猫が座っている",
+            "猫が座っている",
+            ["白い", "猫", "が", "座っ", "て", "いる"],
+            ["猫", "が", "座っ", "て", "いる"],
+            100 * 10 / 11,
+        ),
         # Word order matters: LCS is 1 token. P = 1/4, R = 1/7, F = 2/11.
-        ("赤いバスが二台あります", "バスは赤いです",
-         ["赤い", "バス", "が", "二", "台", "あり", "ます"], ["バス", "は", "赤い", "です"], 100 * 2 / 11),
+        (
+            "赤いバスが二台あります",
+            "バスは赤いです",
+            ["赤い", "バス", "が", "二", "台", "あり", "ます"],
+            ["バス", "は", "赤い", "です"],
+            100 * 2 / 11,
+        ),
         # Full-width digits normalized: LCS 2, P = 2/3, R = 1, F = 4/5.
         ("2本", "２本です", ["2", "本"], ["2", "本", "です"], 80.0),
         # neologdn: full-width Latin equals half-width.
-        ("ＴＶがあります", "TVがあります", ["TV", "が", "あり", "ます"], ["TV", "が", "あり", "ます"], 100.0),
+        (
+            "ＴＶがあります",
+            "TVがあります",
+            ["TV", "が", "あり", "ます"],
+            ["TV", "が", "あり", "ます"],
+            100.0,
+        ),
         # Emoji are dropped before tokenizing.
-        ("猫が座っている", "猫が座っている😺",
-         ["猫", "が", "座っ", "て", "いる"], ["猫", "が", "座っ", "て", "いる"], 100.0),
+        (
+            "猫が座っている",
+            "猫が座っている😺",
+            ["猫", "が", "座っ", "て", "いる"],
+            ["猫", "が", "座っ", "て", "いる"],
+            100.0,
+        ),
         ("白い猫が座っている", "", ["白い", "猫", "が", "座っ", "て", "いる"], [], 0.0),
     ],
 )
-def test_rouge_l_equals_hand_computed_values(reference, prediction, ref_tokens, pred_tokens, expected):
+def test_rouge_l_equals_hand_computed_values(
+    reference, prediction, ref_tokens, pred_tokens, expected
+):
     assert utils.tokenize(reference) == ref_tokens
     assert utils.tokenize(prediction) == pred_tokens
     assert utils.score(reference, prediction)["rougeL"] == pytest.approx(expected)
@@ -104,7 +130,11 @@ def test_rouge_score_default_tokenizer_would_see_no_japanese():
     # Why the MeCab tokenizer exists: rouge-score's own drops every Japanese character.
     from rouge_score import rouge_scorer
 
-    plain = rouge_scorer.RougeScorer(["rougeL"]).score("白い猫", "黒い犬")["rougeL"].fmeasure
+    plain = (
+        rouge_scorer.RougeScorer(["rougeL"])
+        .score("白い猫", "黒い犬")["rougeL"]
+        .fmeasure
+    )
     assert plain == 0.0
     assert utils.rouge_l("白い猫", "白い犬") == pytest.approx(0.5)
 
@@ -120,7 +150,9 @@ def test_rouge_score_default_tokenizer_would_see_no_japanese():
         ("Yes", "Yes", 100.0, 100.0),
     ],
 )
-def test_ja_gate_blanks_non_japanese_predictions_of_japanese_references(reference, prediction, rouge, rouge_ja):
+def test_ja_gate_blanks_non_japanese_predictions_of_japanese_references(
+    reference, prediction, rouge, rouge_ja
+):
     scores = utils.score(reference, prediction)
     assert scores["rougeL"] == pytest.approx(rouge)
     assert scores["rougeL_ja"] == pytest.approx(rouge_ja)
@@ -147,18 +179,28 @@ def test_scripted_model_scores_hand_computed_metrics(task_manager, fixture_data,
     results = _evaluate(task_manager, [task], lm)[task]
 
     assert len(lm.requests) == len(rows)
-    assert results["rougeL,none"] == pytest.approx(sum(r["rougeL"] for r in rows) / len(rows))
-    assert results["rougeL_ja,none"] == pytest.approx(sum(r["rougeL_ja"] for r in rows) / len(rows))
+    assert results["rougeL,none"] == pytest.approx(
+        sum(r["rougeL"] for r in rows) / len(rows)
+    )
+    assert results["rougeL_ja,none"] == pytest.approx(
+        sum(r["rougeL_ja"] for r in rows) / len(rows)
+    )
 
 
 def test_hand_computed_values_are_the_expected_ones():
     # Written out once so a change to responses.json cannot silently move targets.
     vg = RESPONSES["ja_vg_vqa_500"]
-    assert sum(r["rougeL"] for r in vg) / 4 == pytest.approx((1000 / 11 + 200 / 11 + 200 / 3 + 100) / 4)
-    assert sum(r["rougeL_ja"] for r in vg) / 4 == pytest.approx((1000 / 11 + 200 / 11 + 100) / 4)
+    assert sum(r["rougeL"] for r in vg) / 4 == pytest.approx(
+        (1000 / 11 + 200 / 11 + 200 / 3 + 100) / 4
+    )
+    assert sum(r["rougeL_ja"] for r in vg) / 4 == pytest.approx(
+        (1000 / 11 + 200 / 11 + 100) / 4
+    )
 
 
-def test_first_qa_pair_per_image_and_the_images_reach_the_model(task_manager, fixture_data):
+def test_first_qa_pair_per_image_and_the_images_reach_the_model(
+    task_manager, fixture_data
+):
     lm = ScriptedVLM({})
     _evaluate(task_manager, ["ja_vg_vqa_500"], lm)
     contexts = [args[0] for args in lm.requests]
@@ -166,14 +208,18 @@ def test_first_qa_pair_per_image_and_the_images_reach_the_model(task_manager, fi
     assert sum("何が座っていますか？" in c for c in contexts) == 1
     assert not any("猫は何色？" in c for c in contexts)
     visuals = [args[2]["visual"] for args in lm.requests]
-    assert all(len(v) == 1 and v[0].mode == "RGB" and v[0].size == (8, 8) for v in visuals)
+    assert all(
+        len(v) == 1 and v[0].mode == "RGB" and v[0].size == (8, 8) for v in visuals
+    )
 
 
 def test_prompt_and_generation_settings_follow_the_paper(task_manager, fixture_data):
     lm = ScriptedVLM({})
     _evaluate(task_manager, ["ja_vlm_bench_itw"], lm)
     context, gen_kwargs, _ = lm.requests[0]
-    question = json.loads(WILD_FILE.read_text(encoding="utf-8").splitlines()[0])["question"]
+    question = json.loads(WILD_FILE.read_text(encoding="utf-8").splitlines()[0])[
+        "question"
+    ]
     assert context == (
         "[INST] <<SYS>>\nあなたは役立つ、偏見がなく、検閲されていないアシスタントです。"
         "与えられた画像を下に、質問に答えてください。\n<</SYS>>\n\n"

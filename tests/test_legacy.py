@@ -22,7 +22,6 @@ from mergekit_evolve.legacy import (
     merge_flag_aliases,
 )
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest
 
 

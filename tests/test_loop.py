@@ -27,7 +27,9 @@ from mergekit_evolve.objective import scores
 from mergekit_evolve.state import History
 
 
-def toy_run_config(zoo: dict[str, Path], output: Path, budget: int = 24, **sections) -> dict:
+def toy_run_config(
+    zoo: dict[str, Path], output: Path, budget: int = 24, **sections
+) -> dict:
     """The demo's search on a small budget and smaller task samples."""
     config = {
         "name": "toy-test",
@@ -36,10 +38,18 @@ def toy_run_config(zoo: dict[str, Path], output: Path, budget: int = 24, **secti
             "base_model": "base",
             "dtype": "float32",
         },
-        "space": {"type": "parameter", "method": "task_arithmetic", "granularity": "layer", "parameters": {"weight": [0.0, 2.0]}},
+        "space": {
+            "type": "parameter",
+            "method": "task_arithmetic",
+            "granularity": "layer",
+            "parameters": {"weight": [0.0, 2.0]},
+        },
         "optimizer": {"type": "cma", "population": 6, "max_evals": budget, "seed": 0},
         "fitness": {"tasks": [{"task": "toy_ja_sub_fitness"}], "limit": 100},
-        "heldout": {"tasks": [{"task": "toy_ja_sub_heldout"}, {"task": "toy_sub_ascii"}], "limit": 100},
+        "heldout": {
+            "tasks": [{"task": "toy_ja_sub_heldout"}, {"task": "toy_sub_ascii"}],
+            "limit": 100,
+        },
         "output": {"dir": str(output), "save_final": True, "plots": True},
     }
     config.update(sections)
@@ -55,7 +65,14 @@ def finished_run(toy_zoo, tmp_path_factory) -> Path:
 
 
 def test_run_directory_has_every_artifact(finished_run):
-    for name in ("config.yml", "history.jsonl", "best.yml", "summary.json", "fitness.png", "state.pkl"):
+    for name in (
+        "config.yml",
+        "history.jsonl",
+        "best.yml",
+        "summary.json",
+        "fitness.png",
+        "state.pkl",
+    ):
         assert (finished_run / name).is_file(), name
     assert (finished_run / "final" / "config.json").is_file()
     assert (finished_run / "final" / "tokenizer.json").is_file()
@@ -64,7 +81,10 @@ def test_run_directory_has_every_artifact(finished_run):
 
 
 def test_history_records_every_candidate_once(finished_run):
-    records = [json.loads(line) for line in (finished_run / "history.jsonl").read_text().splitlines()]
+    records = [
+        json.loads(line)
+        for line in (finished_run / "history.jsonl").read_text().splitlines()
+    ]
     assert [r["index"] for r in records] == list(range(24))
     assert [r["generation"] for r in records] == [i // 6 for i in range(24)]
     first = records[0]
@@ -77,7 +97,10 @@ def test_history_records_every_candidate_once(finished_run):
 
 def test_summary_has_the_documented_schema(finished_run):
     summary = json.loads((finished_run / "summary.json").read_text())
-    records = [json.loads(line) for line in (finished_run / "history.jsonl").read_text().splitlines()]
+    records = [
+        json.loads(line)
+        for line in (finished_run / "history.jsonl").read_text().splitlines()
+    ]
     assert summary["evaluations"] == 24
     assert summary["wall_seconds"] > 0
     assert summary["fitness"]["best"] == max(r["fitness"] for r in records)
@@ -89,19 +112,29 @@ def test_summary_has_the_documented_schema(finished_run):
     assert heldout["sources"]["math"]["toy_sub_ascii"] > 0.9
 
 
-def test_best_yml_rebuilds_with_mergekit_yaml_and_reproduces_the_heldout_score(finished_run, tmp_path):
+def test_best_yml_rebuilds_with_mergekit_yaml_and_reproduces_the_heldout_score(
+    finished_run, tmp_path
+):
     best_yml = finished_run / "best.yml"
     config = MergeConfiguration.model_validate(yaml.safe_load(best_yml.read_text()))
     assert all(Path(m.model.model.path).is_absolute() for m in config.models)
     out = tmp_path / "rebuilt"
     subprocess.run(
-        [str(Path(sys.executable).parent / "mergekit-yaml"), str(best_yml), str(out), "--copy-tokenizer"],
-        check=True, capture_output=True,
+        [
+            str(Path(sys.executable).parent / "mergekit-yaml"),
+            str(best_yml),
+            str(out),
+            "--copy-tokenizer",
+        ],
+        check=True,
+        capture_output=True,
     )
     run_config = load_config(finished_run / "config.yml")
     builder = Builder(dtype="float32", tokenizer_path=str(out))
     built = builder.load(out)
-    metrics = Evaluator(run_config.heldout).evaluate(built.model, built.tokenizer).metrics
+    metrics = (
+        Evaluator(run_config.heldout).evaluate(built.model, built.tokenizer).metrics
+    )
     summary = json.loads((finished_run / "summary.json").read_text())
     assert scores(metrics, run_config.heldout.tasks) == summary["heldout"]["best"]
 
@@ -117,23 +150,39 @@ def test_resume_with_another_config_is_refused(finished_run, write_config):
     data["optimizer"]["seed"] = 5
     result = CliRunner().invoke(main, [str(write_config(data)), "--resume"])
     assert result.exit_code == 2
-    assert result.stderr.startswith("ResumeError:") and "different config" in result.stderr
+    assert (
+        result.stderr.startswith("ResumeError:") and "different config" in result.stderr
+    )
 
 
-def test_sigkill_then_resume_gives_the_uninterrupted_result(toy_zoo, tmp_path, write_config):
+def test_sigkill_then_resume_gives_the_uninterrupted_result(
+    toy_zoo, tmp_path, write_config
+):
     budget = 36
     reference_dir = tmp_path / "reference"
-    Evolution(parse_config(toy_run_config(toy_zoo, reference_dir, budget, heldout={"tasks": []}), "t", None)).run()
+    Evolution(
+        parse_config(
+            toy_run_config(toy_zoo, reference_dir, budget, heldout={"tasks": []}),
+            "t",
+            None,
+        )
+    ).run()
     reference = {r.index: r.fitness for r in History(reference_dir).read()}
 
     run_dir = tmp_path / "killed"
-    config = write_config(toy_run_config(toy_zoo, run_dir, budget, heldout={"tasks": []}))
+    config = write_config(
+        toy_run_config(toy_zoo, run_dir, budget, heldout={"tasks": []})
+    )
     command = [sys.executable, "-m", "mergekit_evolve", str(config), "--no-progress"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     history = run_dir / "history.jsonl"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:
-        if history.is_file() and history.read_text().count("\n") >= 9:  # mid-generation 2
+        if (
+            history.is_file() and history.read_text().count("\n") >= 9
+        ):  # mid-generation 2
             os.kill(process.pid, signal.SIGKILL)
             break
         time.sleep(0.01)
@@ -142,7 +191,9 @@ def test_sigkill_then_resume_gives_the_uninterrupted_result(toy_zoo, tmp_path, w
     done_before = len(History(run_dir).read())
     assert 9 <= done_before < budget
 
-    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        [*command, "--resume"], capture_output=True, text=True, timeout=300
+    )
     assert resumed.returncode == 0, resumed.stderr
     results = History(run_dir).read()
     indices = [r.index for r in results]
@@ -152,7 +203,9 @@ def test_sigkill_then_resume_gives_the_uninterrupted_result(toy_zoo, tmp_path, w
     assert summary["fitness"]["best"] == max(reference.values())
 
 
-def test_failing_candidates_are_recorded_and_the_run_goes_on(toy_zoo, tmp_path, monkeypatch):
+def test_failing_candidates_are_recorded_and_the_run_goes_on(
+    toy_zoo, tmp_path, monkeypatch
+):
     calls = {"build": 0, "eval": 0}
     real_build, real_evaluate = Builder.build, Evaluator.evaluate
 
@@ -174,33 +227,49 @@ def test_failing_candidates_are_recorded_and_the_run_goes_on(toy_zoo, tmp_path, 
     monkeypatch.setattr(Builder, "build", flaky_build)
     monkeypatch.setattr(Evaluator, "evaluate", flaky_evaluate)
     run_dir = tmp_path / "run"
-    config = parse_config(toy_run_config(toy_zoo, run_dir, 12, heldout={"tasks": []}), "t", None)
+    config = parse_config(
+        toy_run_config(toy_zoo, run_dir, 12, heldout={"tasks": []}), "t", None
+    )
     summary = Evolution(config).run()
     results = History(run_dir).read()
     assert len(results) == 12 and summary["evaluations"] == 12
     failed = {r.index: r for r in results if not r.ok}
-    assert sorted(failed) == [2, 5, 7]  # build 3 -> index 2; evals 5 and 7 (one build failed before)
+    assert sorted(failed) == [
+        2,
+        5,
+        7,
+    ]  # build 3 -> index 2; evals 5 and 7 (one build failed before)
     assert failed[2].error == "BuildError: injected merge failure"
     assert failed[5].error.startswith("EvalError: injected")
     assert "nan" in failed[7].error
     worst_ok = min(r.fitness for r in results[:6] if r.ok)
-    assert all(r.status == "failed" and r.fitness < worst_ok for r in failed.values() if r.generation == 0)
+    assert all(
+        r.status == "failed" and r.fitness < worst_ok
+        for r in failed.values()
+        if r.generation == 0
+    )
 
 
-def test_a_run_where_every_candidate_fails_exits_1(tiny_models, tmp_path, write_config, monkeypatch):
+def test_a_run_where_every_candidate_fails_exits_1(
+    tiny_models, tmp_path, write_config, monkeypatch
+):
     from conftest import tiny_config
 
     def broken(self, config):
         raise BuildError("always")
 
     monkeypatch.setattr(Builder, "build", broken)
-    path = write_config(tiny_config(tiny_models, tmp_path / "run", heldout={"tasks": []}))
+    path = write_config(
+        tiny_config(tiny_models, tmp_path / "run", heldout={"tasks": []})
+    )
     result = CliRunner().invoke(main, [str(path), "--no-progress"])
     assert result.exit_code == 1
     assert "every one of 8 candidates failed" in result.stderr
 
 
-def test_dry_run_prints_size_and_first_candidate_and_writes_nothing(tiny_models, tmp_path, write_config):
+def test_dry_run_prints_size_and_first_candidate_and_writes_nothing(
+    tiny_models, tmp_path, write_config
+):
     from conftest import tiny_config
 
     path = write_config(tiny_config(tiny_models, tmp_path / "run"))
@@ -216,13 +285,20 @@ def test_dry_run_prints_size_and_first_candidate_and_writes_nothing(tiny_models,
 def test_version_names_this_project():
     result = CliRunner().invoke(main, ["--version"])
     assert result.exit_code == 0
-    assert "mergekit-evolve" in result.output and "not mergekit's deprecated" in result.output
+    assert (
+        "mergekit-evolve" in result.output
+        and "not mergekit's deprecated" in result.output
+    )
 
 
 def test_all_candidates_failing_raises_in_the_api(tiny_models, tmp_path, monkeypatch):
     from conftest import tiny_config
 
-    monkeypatch.setattr(Builder, "build", lambda self, c: (_ for _ in ()).throw(BuildError("x")))
-    config = parse_config(tiny_config(tiny_models, tmp_path / "run", heldout={"tasks": []}), "t", None)
+    monkeypatch.setattr(
+        Builder, "build", lambda self, c: (_ for _ in ()).throw(BuildError("x"))
+    )
+    config = parse_config(
+        tiny_config(tiny_models, tmp_path / "run", heldout={"tasks": []}), "t", None
+    )
     with pytest.raises(MergekitEvolveError, match="failed"):
         Evolution(config).run()

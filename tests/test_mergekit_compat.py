@@ -18,10 +18,14 @@ from mergekit_evolve.mergekit_compat import output_model_config, plan_in_memory
 
 def planner_for(models) -> MergePlanner:
     config = MergeConfiguration.model_validate(
-        {"merge_method": "linear", "dtype": "float32", "models": [
-            {"model": str(models["a"]), "parameters": {"weight": 0.5}},
-            {"model": str(models["b"]), "parameters": {"weight": 0.5}},
-        ]}
+        {
+            "merge_method": "linear",
+            "dtype": "float32",
+            "models": [
+                {"model": str(models["a"]), "parameters": {"weight": 0.5}},
+                {"model": str(models["b"]), "parameters": {"weight": 0.5}},
+            ],
+        }
     )
     options = MergeOptions()
     arch = get_architecture_info(config, options)
@@ -46,10 +50,14 @@ def test_workaround_plans_one_return_tensor_per_output_weight(tiny_models):
 
 def test_output_config_follows_the_merge_depth(tiny_models):
     config = MergeConfiguration.model_validate(
-        {"merge_method": "passthrough", "dtype": "float32", "slices": [
-            {"sources": [{"model": str(tiny_models["a"]), "layer_range": [0, 2]}]},
-            {"sources": [{"model": str(tiny_models["a"]), "layer_range": [1, 2]}]},
-        ]}
+        {
+            "merge_method": "passthrough",
+            "dtype": "float32",
+            "slices": [
+                {"sources": [{"model": str(tiny_models["a"]), "layer_range": [0, 2]}]},
+                {"sources": [{"model": str(tiny_models["a"]), "layer_range": [1, 2]}]},
+            ],
+        }
     )
     arch = get_architecture_info(config, MergeOptions())
     assert output_model_config(config, arch).num_hidden_layers == 3

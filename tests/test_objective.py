@@ -8,11 +8,18 @@ from mergekit_evolve.config import TaskSpec
 from mergekit_evolve.errors import EvalError
 from mergekit_evolve.objective import fitness, scores
 
-METRICS = {"a": {"acc,none": 0.8, "acc_stderr,none": 0.1}, "b": {"exact_match,strict": 0.2}, "p": {"word_perplexity,none": 30.0}}
+METRICS = {
+    "a": {"acc,none": 0.8, "acc_stderr,none": 0.1},
+    "b": {"exact_match,strict": 0.2},
+    "p": {"word_perplexity,none": 30.0},
+}
 
 
 def test_weighted_mean_with_normalized_weights():
-    specs = [TaskSpec(task="a", weight=3), TaskSpec(task="b", metric="exact_match", filter="strict", weight=1)]
+    specs = [
+        TaskSpec(task="a", weight=3),
+        TaskSpec(task="b", metric="exact_match", filter="strict", weight=1),
+    ]
     assert fitness(METRICS, specs) == pytest.approx((3 * 0.8 + 1 * 0.2) / 4)
     # Scaling every weight changes nothing.
     scaled = [s.model_copy(update={"weight": s.weight * 10}) for s in specs]
@@ -26,7 +33,10 @@ def test_lower_is_better_metrics_enter_negated_but_report_as_is():
 
 
 def test_missing_metric_lists_what_there_is():
-    with pytest.raises(EvalError, match=r"no metric 'f1,none' \(available: \['acc,none', 'acc_stderr,none'\]\)"):
+    with pytest.raises(
+        EvalError,
+        match=r"no metric 'f1,none' \(available: \['acc,none', 'acc_stderr,none'\]\)",
+    ):
         fitness(METRICS, [TaskSpec(task="a", metric="f1")])
     with pytest.raises(EvalError, match="no results for task 'zzz'"):
         fitness(METRICS, [TaskSpec(task="zzz")])

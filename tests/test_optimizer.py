@@ -20,8 +20,14 @@ def sphere(genome) -> float:
     return -float(np.sum((np.asarray(genome) - TARGET) ** 2))
 
 
-def run(kind: str, generations: int, seed: int = 0, state: RunState | None = None, opt=None):
-    opt = opt or make_optimizer(OptimizerConfig(type=kind, population=8, seed=seed), len(TARGET), np.full(5, 0.5))
+def run(
+    kind: str, generations: int, seed: int = 0, state: RunState | None = None, opt=None
+):
+    opt = opt or make_optimizer(
+        OptimizerConfig(type=kind, population=8, seed=seed),
+        len(TARGET),
+        np.full(5, 0.5),
+    )
     if state is None:
         state = RunState(config_hash="x")
         opt.start(state)
@@ -126,8 +132,13 @@ def test_cma_remembers_its_solutions_in_another_process(tmp_path):
 
     def call(mode: str, hash_seed: str) -> str:
         env = {**os.environ, "PYTHONHASHSEED": hash_seed}
-        return subprocess.run([sys.executable, str(script), mode, str(state)], env=env, check=True,
-                              capture_output=True, text=True).stdout.strip()
+        return subprocess.run(
+            [sys.executable, str(script), mode, str(state)],
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
 
     call("ask", "1")
     assert call("tell", "2") == "8"

@@ -8,15 +8,35 @@ import math
 import pytest
 
 from mergekit_evolve.errors import ResumeError
-from mergekit_evolve.state import Candidate, History, Result, RunState, load_state, save_state
+from mergekit_evolve.state import (
+    Candidate,
+    History,
+    Result,
+    RunState,
+    load_state,
+    save_state,
+)
 
 
 def result(i: int, fitness: float = 0.5, status: str = "ok") -> Result:
-    return Result(index=i, generation=0, genome=[0.1, 0.2], status=status, fitness=fitness, metrics={"t": {"acc,none": fitness}})
+    return Result(
+        index=i,
+        generation=0,
+        genome=[0.1, 0.2],
+        status=status,
+        fitness=fitness,
+        metrics={"t": {"acc,none": fitness}},
+    )
 
 
 def test_state_round_trip_and_hash_check(tmp_path):
-    state = RunState(config_hash="abc", generation=2, asked=8, pending=[Candidate(8, 2, (0.5, 0.5))], best=result(3))
+    state = RunState(
+        config_hash="abc",
+        generation=2,
+        asked=8,
+        pending=[Candidate(8, 2, (0.5, 0.5))],
+        best=result(3),
+    )
     save_state(tmp_path, state)
     loaded = load_state(tmp_path, "abc")
     assert loaded == state
@@ -33,11 +53,23 @@ def test_nothing_to_resume(tmp_path):
 def test_history_appends_json_lines_with_every_field(tmp_path):
     history = History(tmp_path)
     history.append(result(0, 0.25))
-    history.append(Result(1, 0, [0.3, 0.4], "failed", fitness=-1.0, error="BuildError: boom"))
+    history.append(
+        Result(1, 0, [0.3, 0.4], "failed", fitness=-1.0, error="BuildError: boom")
+    )
     lines = (tmp_path / "history.jsonl").read_text().splitlines()
     assert len(lines) == 2
     record = json.loads(lines[1])
-    for key in ("index", "generation", "genome", "merge_config", "metrics", "fitness", "build_seconds", "eval_seconds", "error"):
+    for key in (
+        "index",
+        "generation",
+        "genome",
+        "merge_config",
+        "metrics",
+        "fitness",
+        "build_seconds",
+        "eval_seconds",
+        "error",
+    ):
         assert key in record
     assert record["error"] == "BuildError: boom"
     assert [r.index for r in history.read()] == [0, 1]
@@ -62,6 +94,16 @@ def test_non_finite_fitness_is_never_ok():
 
 def test_nan_metrics_are_written_as_null(tmp_path):
     history = History(tmp_path)
-    history.append(Result(0, 0, [0.1], "failed", fitness=-1.0, metrics={"t": {"acc,none": math.nan}}, error="EvalError: nan"))
+    history.append(
+        Result(
+            0,
+            0,
+            [0.1],
+            "failed",
+            fitness=-1.0,
+            metrics={"t": {"acc,none": math.nan}},
+            error="EvalError: nan",
+        )
+    )
     assert '"acc,none": null' in history.path.read_text()
     assert history.read()[0].metrics == {"t": {"acc,none": None}}

@@ -44,7 +44,9 @@ def models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("vlm_models")
     return {
         "llava": make_tiny_random_llava(root / "llava", seed=1),
-        "llava_next": make_tiny_random_llava(root / "llava_next", seed=3, next_resolution=True),
+        "llava_next": make_tiny_random_llava(
+            root / "llava_next", seed=3, next_resolution=True
+        ),
         "expert": make_tiny_random_llama(root / "expert", seed=2),
         "root": root,
     }
@@ -57,9 +59,14 @@ def prepared(models):
     from mergekit_evolve.vlm import VlmConfig, prepare_sources
 
     sources = SourceSet(
-        models=(read_model_info("llava", str(models["llava"])), read_model_info("expert", str(models["expert"])))
+        models=(
+            read_model_info("llava", str(models["llava"])),
+            read_model_info("expert", str(models["expert"])),
+        )
     )
-    config = VlmConfig(model="llava", loading="llava", cache_dir=str(models["root"] / "cache"))
+    config = VlmConfig(
+        model="llava", loading="llava", cache_dir=str(models["root"] / "cache")
+    )
     return prepare_sources(config, sources, write=True)
 
 
@@ -68,7 +75,9 @@ def builder(prepared):
     from mergekit_evolve.builder import Builder
 
     sources, setup = prepared
-    return Builder(tokenizer_path=sources.by_name("llava").path, assembler=setup.assembler())
+    return Builder(
+        tokenizer_path=sources.by_name("llava").path, assembler=setup.assembler()
+    )
 
 
 def _task_arithmetic(sources, weights=(1.0, 1.0)):
@@ -103,8 +112,14 @@ def test_split_and_reassemble_round_trip_preserves_every_weight(models, tmp_path
     assert all(torch.equal(before[k], after[k]) for k in before)
     source_config = json.loads((models["llava"] / "config.json").read_text())
     config = json.loads((out / "config.json").read_text())
-    assert config["text_config"]["num_hidden_layers"] == source_config["text_config"]["num_hidden_layers"]
-    assert type(AutoModelForImageTextToText.from_pretrained(str(out))).__name__ == "LlavaForConditionalGeneration"
+    assert (
+        config["text_config"]["num_hidden_layers"]
+        == source_config["text_config"]["num_hidden_layers"]
+    )
+    assert (
+        type(AutoModelForImageTextToText.from_pretrained(str(out))).__name__
+        == "LlavaForConditionalGeneration"
+    )
 
 
 def test_text_decoder_is_the_vlms_language_model(models, prepared):
@@ -116,7 +131,9 @@ def test_text_decoder_is_the_vlms_language_model(models, prepared):
     full = AutoModelForImageTextToText.from_pretrained(str(models["llava"]))
     ids = torch.tensor([[20, 21, 22, 23, 24]])
     with torch.no_grad():
-        assert torch.allclose(text(input_ids=ids).logits, full(input_ids=ids).logits, atol=1e-6)
+        assert torch.allclose(
+            text(input_ids=ids).logits, full(input_ids=ids).logits, atol=1e-6
+        )
     assert type(text).__name__ == "LlamaForCausalLM"
     assert (text_dir / "tokenizer.json").is_file()
 
@@ -168,7 +185,9 @@ def test_in_memory_candidate_equals_its_saved_checkpoint(prepared, builder, tmp_
         in_memory = built.model(**inputs).logits.clone()
     saved = builder.save(config, tmp_path / "final")
     # No remote code: the checkpoint is a stock LlavaForConditionalGeneration.
-    loaded = AutoModelForImageTextToText.from_pretrained(str(saved), trust_remote_code=False)
+    loaded = AutoModelForImageTextToText.from_pretrained(
+        str(saved), trust_remote_code=False
+    )
     with torch.no_grad():
         assert torch.allclose(loaded(**inputs).logits, in_memory, atol=1e-5)
     assert (saved / "processor_config.json").is_file()
@@ -200,7 +219,11 @@ def test_dataflow_depth_change_gives_a_consistent_vlm(prepared, builder, tmp_pat
 
     sources, setup = prepared
     space = DataflowSpace(DataflowSpaceConfig(repeats=1), sources, "float32")
-    path = [PathStep("llava", 0, 1.0), PathStep("llava", 1, 1.0), PathStep("expert", 1, 1.5)]
+    path = [
+        PathStep("llava", 0, 1.0),
+        PathStep("llava", 1, 1.0),
+        PathStep("expert", 1, 1.5),
+    ]
     config = space.export_path(path)
     built = builder.build(config)
     assert built.model.config.text_config.num_hidden_layers == 3
@@ -211,7 +234,12 @@ def test_dataflow_depth_change_gives_a_consistent_vlm(prepared, builder, tmp_pat
         in_memory = built.model(**inputs).logits.clone()
     assert generated.shape[1] == inputs["input_ids"].shape[1] + 3
     saved = builder.save(config, tmp_path / "final")
-    assert json.loads((saved / "config.json").read_text())["text_config"]["num_hidden_layers"] == 3
+    assert (
+        json.loads((saved / "config.json").read_text())["text_config"][
+            "num_hidden_layers"
+        ]
+        == 3
+    )
     loaded = AutoModelForImageTextToText.from_pretrained(str(saved))
     with torch.no_grad():
         assert torch.allclose(loaded(**inputs).logits, in_memory, atol=1e-5)
@@ -231,7 +259,9 @@ def test_hf_multimodal_scores_a_reassembled_checkpoint(prepared, builder, tmp_pa
     assert 0.0 <= scored.metrics["toy_vqa_count_en"]["acc,none"] <= 1.0
 
 
-def test_a_vlm_run_scores_candidates_with_hf_multimodal_and_saves_a_vlm(models, tmp_path, write_config):
+def test_a_vlm_run_scores_candidates_with_hf_multimodal_and_saves_a_vlm(
+    models, tmp_path, write_config
+):
     from conftest import tiny_config
     from transformers import AutoModelForImageTextToText
 
@@ -241,10 +271,18 @@ def test_a_vlm_run_scores_candidates_with_hf_multimodal_and_saves_a_vlm(models, 
     data = tiny_config(
         {"llava": models["llava"], "expert": models["expert"]},
         tmp_path / "run",
-        vlm={"model": "llava", "loading": "llava", "cache_dir": str(models["root"] / "cache")},
+        vlm={
+            "model": "llava",
+            "loading": "llava",
+            "cache_dir": str(models["root"] / "cache"),
+        },
         space={"type": "parameter", "method": "linear", "granularity": "global"},
         optimizer={"type": "cma", "population": 2, "max_evals": 2, "seed": 0},
-        fitness={"tasks": [{"task": "toy_vqa_count_ja_fitness"}], "limit": 4, "batch_size": 4},
+        fitness={
+            "tasks": [{"task": "toy_vqa_count_ja_fitness"}],
+            "limit": 4,
+            "batch_size": 4,
+        },
         heldout={"tasks": [{"task": "toy_vqa_count_en"}], "limit": 4, "batch_size": 4},
     )
     data["sources"]["base_model"] = None
@@ -267,22 +305,32 @@ def test_llava_next_loaded_as_llava_keeps_vision_weights(models, tmp_path):
 
     from mergekit_evolve.vlm import iter_vlm_tensors, reassemble, split_vlm
 
-    text, template = split_vlm(models["llava_next"], tmp_path / "split", loading="llava")
+    text, template = split_vlm(
+        models["llava_next"], tmp_path / "split", loading="llava"
+    )
     out = reassemble(text, template, tmp_path / "llava")
     model = AutoModelForImageTextToText.from_pretrained(str(out))
     processor = AutoProcessor.from_pretrained(str(out))
     assert type(model).__name__ == "LlavaForConditionalGeneration"
     assert type(processor).__name__ == "LlavaProcessor"
-    assert processor.chat_template == AutoProcessor.from_pretrained(str(models["llava_next"])).chat_template
+    assert (
+        processor.chat_template
+        == AutoProcessor.from_pretrained(str(models["llava_next"])).chat_template
+    )
     source = dict(iter_vlm_tensors(models["llava_next"]))
     result = dict(iter_vlm_tensors(out))
     assert "image_newline" in source and "image_newline" not in result
     assert sorted(result) == sorted(k for k in source if k != "image_newline")
     assert all(torch.equal(result[k], source[k]) for k in result)
     inputs = processor(text=["<image>count="], images=[_image()], return_tensors="pt")
-    assert int((inputs["input_ids"] == 109).sum()) == 16  # one 32 px crop, 4 x 4 patches
+    assert (
+        int((inputs["input_ids"] == 109).sum()) == 16
+    )  # one 32 px crop, 4 x 4 patches
     with torch.no_grad():
-        assert model.generate(**inputs, max_new_tokens=2, do_sample=False).shape[1] == inputs["input_ids"].shape[1] + 2
+        assert (
+            model.generate(**inputs, max_new_tokens=2, do_sample=False).shape[1]
+            == inputs["input_ids"].shape[1] + 2
+        )
 
 
 def test_llava_next_kept_with_auto_loading(models, tmp_path):
@@ -292,7 +340,10 @@ def test_llava_next_kept_with_auto_loading(models, tmp_path):
 
     text, template = split_vlm(models["llava_next"], tmp_path / "split", loading="auto")
     out = reassemble(text, template, tmp_path / "next")
-    assert type(AutoModelForImageTextToText.from_pretrained(str(out))).__name__ == "LlavaNextForConditionalGeneration"
+    assert (
+        type(AutoModelForImageTextToText.from_pretrained(str(out))).__name__
+        == "LlavaNextForConditionalGeneration"
+    )
 
 
 def test_llava_next_loading_of_a_plain_llava_is_refused(models):
@@ -301,8 +352,14 @@ def test_llava_next_loading_of_a_plain_llava_is_refused(models):
     from mergekit_evolve.vlm import VlmConfig, prepare_sources
 
     sources = SourceSet(models=(read_model_info("llava", str(models["llava"])),))
-    with pytest.raises(UnsupportedModelError, match="vlm.model: vlm.loading: llava_next needs"):
-        prepare_sources(VlmConfig(model="llava", loading="llava_next", cache_dir="/nonexistent"), sources, write=False)
+    with pytest.raises(
+        UnsupportedModelError, match="vlm.model: vlm.loading: llava_next needs"
+    ):
+        prepare_sources(
+            VlmConfig(model="llava", loading="llava_next", cache_dir="/nonexistent"),
+            sources,
+            write=False,
+        )
 
 
 def test_unknown_vlm_model_is_a_config_error(models):
@@ -311,7 +368,9 @@ def test_unknown_vlm_model_is_a_config_error(models):
     from mergekit_evolve.vlm import VlmConfig, prepare_sources
 
     sources = SourceSet(models=(read_model_info("llava", str(models["llava"])),))
-    with pytest.raises(ConfigError, match="vlm.model: 'lava' is not one of the sources"):
+    with pytest.raises(
+        ConfigError, match="vlm.model: 'lava' is not one of the sources"
+    ):
         prepare_sources(VlmConfig(model="lava"), sources, write=False)
 
 
@@ -324,12 +383,18 @@ def test_ja_vlm_dry_run_works_offline_with_config_only_fixtures(monkeypatch):
     from mergekit_evolve.cli import main
 
     monkeypatch.setenv("MERGEKIT_EVOLVE_MODEL_ROOT", str(FIXTURE_MODELS))
-    result = CliRunner().invoke(main, [str(REPO / "configs" / "ja_vlm.yml"), "--dry-run", "--no-cuda"])
+    result = CliRunner().invoke(
+        main, [str(REPO / "configs" / "ja_vlm.yml"), "--dry-run", "--no-cuda"]
+    )
     assert result.exit_code == 0, result.output
     assert "merge_method: dare_ties" in result.output
     # 2 experts x 2 parameters x (32 layers + embed_tokens + lm_head)
     assert "136 genes" in result.output
-    text_dir = next(line.split("model: ")[1] for line in result.output.splitlines() if "/llava-" in line)
+    text_dir = next(
+        line.split("model: ")[1]
+        for line in result.output.splitlines()
+        if "/llava-" in line
+    )
     assert text_dir.endswith("/text")
     assert not Path(text_dir).exists()  # a dry run extracts nothing
 
@@ -337,9 +402,15 @@ def test_ja_vlm_dry_run_works_offline_with_config_only_fixtures(monkeypatch):
 def test_ja_vlm_text_decoder_config_fills_hub_defaults():
     from mergekit_evolve.vlm import convert_vlm_config, text_decoder_config
 
-    config = json.loads((FIXTURE_MODELS / "llava-v1.6-mistral-7b-hf" / "config.json").read_text())
+    config = json.loads(
+        (FIXTURE_MODELS / "llava-v1.6-mistral-7b-hf" / "config.json").read_text()
+    )
     text = text_decoder_config(config)
-    assert (text["num_hidden_layers"], text["hidden_size"], text["vocab_size"]) == (32, 4096, 32064)
+    assert (text["num_hidden_layers"], text["hidden_size"], text["vocab_size"]) == (
+        32,
+        4096,
+        32064,
+    )
     assert text["architectures"] == ["MistralForCausalLM"]
     single = convert_vlm_config(config, "llava")
     assert single["architectures"] == ["LlavaForConditionalGeneration"]
@@ -353,7 +424,13 @@ def test_toy_ja_vlm_dry_run_plans_the_toy_vlm(tmp_path):
     from mergekit_evolve.cli import main
 
     result = CliRunner().invoke(
-        main, [str(REPO / "configs" / "toy_ja_vlm.yml"), "--dry-run", "--output", str(tmp_path / "run")]
+        main,
+        [
+            str(REPO / "configs" / "toy_ja_vlm.yml"),
+            "--dry-run",
+            "--output",
+            str(tmp_path / "run"),
+        ],
     )
     assert result.exit_code == 0, result.output
     assert "parameter, 12 genes" in result.output
@@ -366,8 +443,12 @@ def test_toy_vqa_task_data_matches_the_generator(tmp_path):
     write_task_data(tmp_path)
     committed = REPO / "evals" / "toy_ja_vqa" / "data"
     for task in TASKS:
-        assert (tmp_path / f"{task}.jsonl").read_bytes() == (committed / f"{task}.jsonl").read_bytes()
-    assert sorted(os.listdir(tmp_path / "images")) == sorted(os.listdir(committed / "images"))
+        assert (tmp_path / f"{task}.jsonl").read_bytes() == (
+            committed / f"{task}.jsonl"
+        ).read_bytes()
+    assert sorted(os.listdir(tmp_path / "images")) == sorted(
+        os.listdir(committed / "images")
+    )
 
 
 # ----------------------------------------------------------------------------- toy
@@ -377,7 +458,9 @@ def test_toy_vqa_task_data_matches_the_generator(tmp_path):
 def toy_vlm(toy_zoo):
     from mergekit_evolve.toy.vlm import build_toy_vlm
 
-    return build_toy_vlm(REPO / ".cache" / "toy_vlm", REPO / ".cache" / "toy_zoo", seed=0)
+    return build_toy_vlm(
+        REPO / ".cache" / "toy_vlm", REPO / ".cache" / "toy_zoo", seed=0
+    )
 
 
 @pytest.mark.slow
@@ -391,11 +474,26 @@ def test_toy_vlm_answers_in_english_and_a_merge_in_japanese(toy_vlm, toy_zoo, tm
     from mergekit_evolve.vlm import VlmConfig, prepare_sources
 
     sources = SourceSet(
-        models=tuple(read_model_info(n, str(p)) for n, p in (("base", toy_zoo["base"]), ("vlm", toy_vlm), ("ja", toy_zoo["ja"])))
+        models=tuple(
+            read_model_info(n, str(p))
+            for n, p in (
+                ("base", toy_zoo["base"]),
+                ("vlm", toy_vlm),
+                ("ja", toy_zoo["ja"]),
+            )
+        )
     )
-    sources, setup = prepare_sources(VlmConfig(model="vlm", cache_dir=str(tmp_path)), sources)
-    builder = Builder(tokenizer_path=sources.by_name("vlm").path, assembler=setup.assembler())
-    suite = EvalSuiteConfig(tasks=["toy_vqa_count_ja_heldout", "toy_vqa_count_en", "toy_vqa_color_en"], limit=40, batch_size=40)
+    sources, setup = prepare_sources(
+        VlmConfig(model="vlm", cache_dir=str(tmp_path)), sources
+    )
+    builder = Builder(
+        tokenizer_path=sources.by_name("vlm").path, assembler=setup.assembler()
+    )
+    suite = EvalSuiteConfig(
+        tasks=["toy_vqa_count_ja_heldout", "toy_vqa_count_en", "toy_vqa_color_en"],
+        limit=40,
+        batch_size=40,
+    )
     evaluator = Evaluator(suite, multimodal=True)
 
     def score(built):
@@ -405,8 +503,22 @@ def test_toy_vlm_answers_in_english_and_a_merge_in_japanese(toy_vlm, toy_zoo, tm
     vlm = score(builder.load(sources.by_name("vlm").path))
     assert vlm["toy_vqa_count_en"] >= 0.9 and vlm["toy_vqa_color_en"] >= 0.9
     assert vlm["toy_vqa_count_ja_heldout"] == 0.0
-    merged = score(builder.build(MergeConfiguration.model_validate({
-        "merge_method": "task_arithmetic", "base_model": sources.by_name("base").path, "dtype": "float32",
-        "models": [{"model": sources.by_name(n).path, "parameters": {"weight": 1.0}} for n in ("vlm", "ja")],
-    })))
+    merged = score(
+        builder.build(
+            MergeConfiguration.model_validate(
+                {
+                    "merge_method": "task_arithmetic",
+                    "base_model": sources.by_name("base").path,
+                    "dtype": "float32",
+                    "models": [
+                        {
+                            "model": sources.by_name(n).path,
+                            "parameters": {"weight": 1.0},
+                        }
+                        for n in ("vlm", "ja")
+                    ],
+                }
+            )
+        )
+    )
     assert merged["toy_vqa_count_ja_heldout"] >= 0.5

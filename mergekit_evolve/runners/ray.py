@@ -38,7 +38,16 @@ LOCAL_OBJECT_STORE_BYTES = 128 * 2**20
 # where hub models live). A local Ray inherits them anyway; a cluster does not.
 FORWARDED_ENV_PREFIXES = ("HF_", "TRANSFORMERS_", "MERGEKIT_EVOLVE_")
 FORWARDED_ENV = ("TQDM_DISABLE", "TOKENIZERS_PARALLELISM")
-LIBRARY_LOGGERS = ("lm_eval", "lm-eval", "mergekit", "transformers", "datasets", "accelerate", "urllib3", "filelock")
+LIBRARY_LOGGERS = (
+    "lm_eval",
+    "lm-eval",
+    "mergekit",
+    "transformers",
+    "datasets",
+    "accelerate",
+    "urllib3",
+    "filelock",
+)
 
 
 def _import_ray():
@@ -60,12 +69,16 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
     try:
         socket.create_connection((host, int(port)), timeout=timeout).close()
     except OSError as e:
-        raise ConfigError(f"runner.address: nothing answers at {address!r} ({e})") from None
+        raise ConfigError(
+            f"runner.address: nothing answers at {address!r} ({e})"
+        ) from None
 
 
 def _forwarded_env() -> dict[str, str]:
     return {
-        k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES) or k in FORWARDED_ENV
+        k: v
+        for k, v in os.environ.items()
+        if k.startswith(FORWARDED_ENV_PREFIXES) or k in FORWARDED_ENV
     }
 
 
@@ -80,16 +93,27 @@ class WorkerActor:
         log_level: Level of this package's loggers in the actor.
     """
 
-    def __init__(self, config: RunConfig, sources: SourceSet, name: str, threads: int, log_level: int) -> None:
+    def __init__(
+        self,
+        config: RunConfig,
+        sources: SourceSet,
+        name: str,
+        threads: int,
+        log_level: int,
+    ) -> None:
         import torch
 
         # Ray reserves CPUs but does not confine threads to them: without this every
         # actor's torch would start one thread per core and the actors would contend.
         torch.set_num_threads(threads)
-        logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(
+            level=log_level, format="%(levelname)s %(name)s: %(message)s"
+        )
         logging.getLogger("mergekit_evolve").setLevel(log_level)
         for library in LIBRARY_LOGGERS:
-            logging.getLogger(library).setLevel(logging.INFO if log_level <= logging.DEBUG else logging.ERROR)
+            logging.getLogger(library).setLevel(
+                logging.INFO if log_level <= logging.DEBUG else logging.ERROR
+            )
         self.config = config
         self.sources = sources
         self.name = f"{name}@{socket.gethostname()}"
@@ -161,7 +185,9 @@ class RayRunner:
         if stats["candidates"]:
             logger.info(
                 "Ray: %d workers evaluated %d candidates; workers idle %.1f%% of the time",
-                stats["workers"], stats["candidates"], 100 * stats["idle_fraction"],
+                stats["workers"],
+                stats["candidates"],
+                100 * stats["idle_fraction"],
             )
         self._stop()
 
@@ -170,24 +196,37 @@ class RayRunner:
         if ray.is_initialized():
             logger.info("using the Ray this process already started or joined")
             return
-        common = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
+        common = dict(
+            include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True
+        )
         if self.runner.address is None:
             cpus = math.ceil(self.runner.workers * self.runner.cpus_per_worker)
             if cpus > (os.cpu_count() or 1):
-                logger.warning("runner: %d workers x %g CPUs exceed this machine's %d cores",
-                               self.runner.workers, self.runner.cpus_per_worker, os.cpu_count())
+                logger.warning(
+                    "runner: %d workers x %g CPUs exceed this machine's %d cores",
+                    self.runner.workers,
+                    self.runner.cpus_per_worker,
+                    os.cpu_count(),
+                )
             # Usage statistics would be sent to Ray's servers; runs are often offline.
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
             # "local" starts a new Ray even if `ray start` left one running on this machine
             # (a bare ray.init() would join that one, with its resources).
-            ray.init(address="local", num_cpus=cpus, object_store_memory=LOCAL_OBJECT_STORE_BYTES, **common)
+            ray.init(
+                address="local",
+                num_cpus=cpus,
+                object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+                **common,
+            )
             logger.info("started a local Ray with %d CPUs", cpus)
         else:
             _check_reachable(self.runner.address)
             try:
                 ray.init(address=self.runner.address, **common)
             except (ConnectionError, ValueError, RuntimeError) as e:
-                raise ConfigError(f"runner.address: cannot connect to Ray at {self.runner.address!r}: {e}") from None
+                raise ConfigError(
+                    f"runner.address: cannot connect to Ray at {self.runner.address!r}: {e}"
+                ) from None
             logger.info("joined the Ray cluster at %s", self.runner.address)
         self._started_ray = True
 
@@ -208,7 +247,11 @@ class RayRunner:
         level = logging.getLogger("mergekit_evolve").getEffectiveLevel()
         for i in range(self.runner.workers):
             name = f"ray-{i}"
-            self.actors.append(actor_class.options(**options).remote(self.config, self.sources, name, threads, level))
+            self.actors.append(
+                actor_class.options(**options).remote(
+                    self.config, self.sources, name, threads, level
+                )
+            )
             self.names.append(name)
         start = time.perf_counter()
         loads = [actor.load.remote() for actor in self.actors]
@@ -216,7 +259,9 @@ class RayRunner:
             self._get(ref, f"worker {name} failed while loading")
         self.load_seconds = time.perf_counter() - start
         self._ready_at = time.perf_counter()
-        logger.info("%d Ray workers loaded in %.1f s", len(self.actors), self.load_seconds)
+        logger.info(
+            "%d Ray workers loaded in %.1f s", len(self.actors), self.load_seconds
+        )
 
     def _check_resources(self, cuda: bool) -> None:
         """Fails early when the cluster can never host the workers (they would wait forever)."""
@@ -224,14 +269,25 @@ class RayRunner:
         need = {"CPU": self.runner.workers * self.runner.cpus_per_worker}
         if cuda:
             need["GPU"] = self.runner.workers
-        short = {k: (v, total.get(k, 0)) for k, v in need.items() if total.get(k, 0) + 1e-9 < v}
+        short = {
+            k: (v, total.get(k, 0))
+            for k, v in need.items()
+            if total.get(k, 0) + 1e-9 < v
+        }
         if not short:
             return
-        what = ", ".join(f"{v:g} {k} needed, {have:g} available" for k, (v, have) in short.items())
+        what = ", ".join(
+            f"{v:g} {k} needed, {have:g} available" for k, (v, have) in short.items()
+        )
         if self.runner.address is None:
-            raise ConfigError(f"runner: the local Ray cannot host {self.runner.workers} workers ({what})")
-        logger.warning("runner: the cluster lacks resources for %d workers now (%s); waiting for them",
-                       self.runner.workers, what)
+            raise ConfigError(
+                f"runner: the local Ray cannot host {self.runner.workers} workers ({what})"
+            )
+        logger.warning(
+            "runner: the cluster lacks resources for %d workers now (%s); waiting for them",
+            self.runner.workers,
+            what,
+        )
 
     def _stop(self) -> None:
         ray = self._ray
@@ -255,7 +311,9 @@ class RayRunner:
             MergekitEvolveError: a worker died (crash, killed, out of host memory).
         """
         if not self.actors:
-            raise MergekitEvolveError("RayRunner.evaluate called outside its `with` block")
+            raise MergekitEvolveError(
+                "RayRunner.evaluate called outside its `with` block"
+            )
         ray = self._ray
         queue = deque(candidates)
         free = deque(range(len(self.actors)))
@@ -270,7 +328,10 @@ class RayRunner:
         while running:
             [ref], _ = ray.wait(list(running), num_returns=1)
             i, candidate = running.pop(ref)
-            result, busy = self._get(ref, f"worker {self.names[i]} died while evaluating candidate {candidate.index}")
+            result, busy = self._get(
+                ref,
+                f"worker {self.names[i]} died while evaluating candidate {candidate.index}",
+            )
             self._busy_seconds += busy
             self._evaluated += 1
             self._last_result_at = time.perf_counter()
@@ -314,7 +375,11 @@ class RayRunner:
         to the last result, spent not building or scoring (waiting at generation ends,
         on the driver, or on Ray)."""
         workers = self.runner.workers
-        span = (self._last_result_at - self._ready_at) if self._ready_at and self._last_result_at else 0.0
+        span = (
+            (self._last_result_at - self._ready_at)
+            if self._ready_at and self._last_result_at
+            else 0.0
+        )
         idle = 1.0 - self._busy_seconds / (workers * span) if span > 0 else 0.0
         return {
             "type": "ray",

@@ -9,7 +9,18 @@ from .dataflow import DataflowSpace, DataflowSpaceConfig
 from .param import ParameterSpace, ParameterSpaceConfig
 from .template import TemplateSpace, TemplateSpaceConfig
 
-__all__ = ["SPACES", "SearchSpace", "register_space", "ParameterSpace", "ParameterSpaceConfig", "DataflowSpace", "DataflowSpaceConfig", "TemplateSpace", "TemplateSpaceConfig", "make_space"]
+__all__ = [
+    "SPACES",
+    "SearchSpace",
+    "register_space",
+    "ParameterSpace",
+    "ParameterSpaceConfig",
+    "DataflowSpace",
+    "DataflowSpaceConfig",
+    "TemplateSpace",
+    "TemplateSpaceConfig",
+    "make_space",
+]
 
 
 def make_space(config, sources: SourceSet, dtype: str | None = None) -> SearchSpace:

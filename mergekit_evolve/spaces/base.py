@@ -43,7 +43,9 @@ class SearchSpace(ABC):
 
     name: ClassVar[str]
 
-    def __init__(self, config: Any, sources: SourceSet, dtype: str | None = None) -> None:
+    def __init__(
+        self, config: Any, sources: SourceSet, dtype: str | None = None
+    ) -> None:
         self.config = config
         self.sources = sources
         self.dtype = dtype

@@ -38,7 +38,9 @@ def method_spec(name: str):
     """mergekit's spec of a merge method (raises ValueError with the known names)."""
     known = sorted(merge_methods.registry._METHODS)
     if name not in known:
-        raise ValueError(f"unknown mergekit merge method {name!r} (known: {', '.join(known)})")
+        raise ValueError(
+            f"unknown mergekit merge method {name!r} (known: {', '.join(known)})"
+        )
     return merge_methods.get(name).spec
 
 
@@ -56,7 +58,10 @@ def default_searched(method: str) -> dict[str, Bounds]:
     [0, 1], and ``density`` in [0.1, 1] for methods that sparsify."""
     params = numeric_parameters(method)
     searched = {n: Bounds(min=0.0, max=1.0) for n, p in params.items() if p.required}
-    if "density" in params and merge_methods.get(method).sparsification_method is not None:
+    if (
+        "density" in params
+        and merge_methods.get(method).sparsification_method is not None
+    ):
         # DELLA samples keep-probabilities in density +/- epsilon, which must stay in (0, 1).
         margin = _epsilon_default(method) + 0.01 if "epsilon" in params else 0.0
         searched["density"] = Bounds(min=max(0.1, margin), max=1.0 - margin)
@@ -93,7 +98,9 @@ class ParameterSpaceConfig(StrictModel):
     block_size: int = Field(default=1, ge=1)
     filters: list[str] = Field(default_factory=list)
     embeddings: bool = True
-    embedding_filters: list[str] = Field(default_factory=lambda: ["embed_tokens", "lm_head"])
+    embedding_filters: list[str] = Field(
+        default_factory=lambda: ["embed_tokens", "lm_head"]
+    )
     parameters: dict[str, Bounds] | None = None
     method_parameters: dict[str, Any] = Field(default_factory=dict)
     allow_negative_weights: bool = False
@@ -103,9 +110,13 @@ class ParameterSpaceConfig(StrictModel):
     def _known_method(cls, value: str) -> str:
         method_spec(value)
         if value == "passthrough":
-            raise ValueError("passthrough has nothing to search here; use space type 'dataflow'")
+            raise ValueError(
+                "passthrough has nothing to search here; use space type 'dataflow'"
+            )
         if not numeric_parameters(value):
-            raise ValueError(f"merge method {value!r} has no numeric parameters to search")
+            raise ValueError(
+                f"merge method {value!r} has no numeric parameters to search"
+            )
         return value
 
     @model_validator(mode="after")
@@ -125,8 +136,12 @@ class ParameterSpaceConfig(StrictModel):
             if name in ("density", "t") and (bounds.min < 0 or bounds.max > 1):
                 raise ValueError(f"parameters.{name}: range must lie within [0, 1]")
         if "epsilon" in numeric and "density" in self.searched():
-            epsilon = self.searched()["epsilon"].max if "epsilon" in self.searched() else float(
-                self.method_parameters.get("epsilon", _epsilon_default(self.method))
+            epsilon = (
+                self.searched()["epsilon"].max
+                if "epsilon" in self.searched()
+                else float(
+                    self.method_parameters.get("epsilon", _epsilon_default(self.method))
+                )
             )
             density = self.searched()["density"]
             if density.min - epsilon <= 0 or density.max + epsilon >= 1:
@@ -142,13 +157,19 @@ class ParameterSpaceConfig(StrictModel):
                     f"(it has: {', '.join(sorted(all_params))})"
                 )
             if name in self.searched():
-                raise ValueError(f"method_parameters.{name}: is also a searched parameter")
+                raise ValueError(
+                    f"method_parameters.{name}: is also a searched parameter"
+                )
         if not self.searched():
             raise ValueError("parameters: nothing to search")
         return self
 
     def searched(self) -> dict[str, Bounds]:
-        return dict(self.parameters) if self.parameters is not None else default_searched(self.method)
+        return (
+            dict(self.parameters)
+            if self.parameters is not None
+            else default_searched(self.method)
+        )
 
 
 @dataclass(frozen=True)
@@ -176,7 +197,9 @@ class ParameterSpace(SearchSpace):
 
     config: ParameterSpaceConfig
 
-    def __init__(self, config: ParameterSpaceConfig, sources: SourceSet, dtype: str | None = None):
+    def __init__(
+        self, config: ParameterSpaceConfig, sources: SourceSet, dtype: str | None = None
+    ):
         super().__init__(config, sources, dtype)
         spec = method_spec(config.method)
         self._spec = spec
@@ -195,14 +218,18 @@ class ParameterSpace(SearchSpace):
             if not per_model:
                 self.inputs = (sources.base, *sources.experts)
         if not sources.experts:
-            raise ConfigError("sources.models: need at least one model besides the base model")
+            raise ConfigError(
+                "sources.models: need at least one model besides the base model"
+            )
         self.num_layers = sources.num_layers
         self.genes = self._lay_out_genes()
         self._bounds = config.searched()
 
     def _layer_groups(self) -> list[tuple[int, ...]]:
         n = self.num_layers
-        size = {"global": n, "block": self.config.block_size, "layer": 1}[self.config.granularity]
+        size = {"global": n, "block": self.config.block_size, "layer": 1}[
+            self.config.granularity
+        ]
         return [tuple(range(i, min(i + size, n))) for i in range(0, n, size)]
 
     def _models_for(self, parameter: str) -> list[str | None]:
@@ -218,9 +245,15 @@ class ParameterSpace(SearchSpace):
         for parameter in self.config.searched():
             for model in self._models_for(parameter):
                 if self.config.embeddings:
-                    genes += [Gene(parameter, model, f, ()) for f in self.config.embedding_filters]
+                    genes += [
+                        Gene(parameter, model, f, ())
+                        for f in self.config.embedding_filters
+                    ]
                 for group in (*self.config.filters, REST):
-                    genes += [Gene(parameter, model, group, layers) for layers in self._layer_groups()]
+                    genes += [
+                        Gene(parameter, model, group, layers)
+                        for layers in self._layer_groups()
+                    ]
         return genes
 
     @property
@@ -233,12 +266,21 @@ class ParameterSpace(SearchSpace):
     def values(self, x: np.ndarray) -> np.ndarray:
         """The genome's genes mapped from the unit cube onto their parameter ranges."""
         x = self.check_genome(x, self.dim)
-        return np.array([self._bounds[g.parameter].scale(v) for g, v in zip(self.genes, x, strict=True)])
+        return np.array(
+            [
+                self._bounds[g.parameter].scale(v)
+                for g, v in zip(self.genes, x, strict=True)
+            ]
+        )
 
     def describe(self, x: np.ndarray) -> dict[str, float]:
-        return dict(zip(self.gene_names(), (float(v) for v in self.values(x)), strict=True))
+        return dict(
+            zip(self.gene_names(), (float(v) for v in self.values(x)), strict=True)
+        )
 
-    def _setting(self, parameter: str, model: str | None, values: dict[Gene, float]) -> Any:
+    def _setting(
+        self, parameter: str, model: str | None, values: dict[Gene, float]
+    ) -> Any:
         """mergekit's notation for one parameter of one model: a scalar, a per-layer list,
         or a conditional list with the embedding and filter groups first."""
         entries = []
@@ -248,18 +290,32 @@ class ParameterSpace(SearchSpace):
         for group in (*self.config.filters, REST):
             per_layer = [0.0] * self.num_layers
             for gene, value in values.items():
-                if gene.parameter == parameter and gene.model == model and gene.group == group:
+                if (
+                    gene.parameter == parameter
+                    and gene.model == model
+                    and gene.group == group
+                ):
                     for layer in gene.layers:
                         per_layer[layer] = round(value, 6)
-            setting: Any = per_layer[0] if self.config.granularity == "global" else per_layer
-            entries.append({"value": setting} if group == REST else {"filter": group, "value": setting})
+            setting: Any = (
+                per_layer[0] if self.config.granularity == "global" else per_layer
+            )
+            entries.append(
+                {"value": setting}
+                if group == REST
+                else {"filter": group, "value": setting}
+            )
         if len(entries) == 1:
             return entries[0]["value"]
         return entries
 
     def decode(self, x: np.ndarray) -> MergeConfiguration:
         values = dict(zip(self.genes, self.values(x), strict=True))
-        shared = {p: self._setting(p, None, values) for p in self.config.searched() if self._models_for(p) == [None]}
+        shared = {
+            p: self._setting(p, None, values)
+            for p in self.config.searched()
+            if self._models_for(p) == [None]
+        }
         models = []
         for model in self.inputs:
             params = {
@@ -267,12 +323,21 @@ class ParameterSpace(SearchSpace):
                 for p in self.config.searched()
                 if model.name in self._models_for(p)
             }
-            models.append({"model": model.path, **({"parameters": params} if params else {})})
-        return self._merge_config(self.config.method, models, {**self.config.method_parameters, **shared})
+            models.append(
+                {"model": model.path, **({"parameters": params} if params else {})}
+            )
+        return self._merge_config(
+            self.config.method, models, {**self.config.method_parameters, **shared}
+        )
 
-    def _merge_config(self, method: str, models: list[dict], parameters: dict[str, Any]) -> MergeConfiguration:
+    def _merge_config(
+        self, method: str, models: list[dict], parameters: dict[str, Any]
+    ) -> MergeConfiguration:
         data: dict[str, Any] = {"merge_method": method, "models": models}
-        if self.uses_base and merge_methods.get(method).spec.contract.base.value != "ignored":
+        if (
+            self.uses_base
+            and merge_methods.get(method).spec.contract.base.value != "ignored"
+        ):
             data["base_model"] = self.sources.base.path
         if parameters:
             data["parameters"] = parameters
@@ -295,7 +360,10 @@ class ParameterSpace(SearchSpace):
         uniform = self._finish_config(
             {
                 "merge_method": "linear",
-                "models": [{"model": m.path, "parameters": {"weight": 1 / len(averaged)}} for m in averaged],
+                "models": [
+                    {"model": m.path, "parameters": {"weight": 1 / len(averaged)}}
+                    for m in averaged
+                ],
             }
         )
         required = [p for p in self._spec.parameters if p.required]
@@ -306,9 +374,16 @@ class ParameterSpace(SearchSpace):
                 p.name: 1.0 if p.name == "weight" else 0.5
                 for p in required
                 if p.scope != ParameterScope.SHARED
-                and not (p.scope == ParameterScope.NON_BASE and self.uses_base and model.name == self.sources.base.name)
+                and not (
+                    p.scope == ParameterScope.NON_BASE
+                    and self.uses_base
+                    and model.name == self.sources.base.name
+                )
             }
-            models.append({"model": model.path, **({"parameters": params} if params else {})})
-        default = self._merge_config(self.config.method, models, {**self.config.method_parameters, **shared})
+            models.append(
+                {"model": model.path, **({"parameters": params} if params else {})}
+            )
+        default = self._merge_config(
+            self.config.method, models, {**self.config.method_parameters, **shared}
+        )
         return {"uniform": uniform, "default": default}
-

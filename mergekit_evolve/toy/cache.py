@@ -17,7 +17,9 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 
-def is_built(directory: Path, manifest: str, meta: dict[str, Any], required: list[Path]) -> bool:
+def is_built(
+    directory: Path, manifest: str, meta: dict[str, Any], required: list[Path]
+) -> bool:
     """Whether ``directory/manifest`` records ``meta`` and every ``required`` file exists."""
     path = directory / manifest
     if not path.is_file() or not all(p.is_file() for p in required):
@@ -60,7 +62,9 @@ def build_atomically(
         (tmp / manifest).write_text(json.dumps(record, indent=2) + "\n")
         if directory.exists():
             # os.replace cannot swap onto a non-empty folder: move the old one aside first.
-            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
+            old = Path(
+                tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent)
+            )
             os.replace(directory, old / directory.name)
             os.replace(tmp, directory)
             shutil.rmtree(old, ignore_errors=True)

@@ -184,10 +184,16 @@ def task_docs(task: str) -> list[dict[str, str]]:
         ValueError: for an unknown task.
     """
     if task not in TASKS:
-        raise ValueError(f"unknown toy VQA task {task!r}; expected one of {sorted(TASKS)}")
+        raise ValueError(
+            f"unknown toy VQA task {task!r}; expected one of {sorted(TASKS)}"
+        )
     kind, script, split = TASKS[task]
     return [
-        {"image": f"images/{pic.name}.png", "question": IMAGE_TOKEN + question(kind), "answer": answer(pic, kind, script)}
+        {
+            "image": f"images/{pic.name}.png",
+            "question": IMAGE_TOKEN + question(kind),
+            "answer": answer(pic, kind, script),
+        }
         for pic in _eval_pictures()[split]
     ]
 
@@ -278,7 +284,9 @@ def toy_vlm_config() -> dict[str, Any]:
         _llama_config,
     )
 
-    config = _llava_config(_llama_config(NUM_LAYERS, HIDDEN_SIZE, INTERMEDIATE_SIZE, NUM_HEADS)).to_dict()
+    config = _llava_config(
+        _llama_config(NUM_LAYERS, HIDDEN_SIZE, INTERMEDIATE_SIZE, NUM_HEADS)
+    ).to_dict()
     config["architectures"] = ["LlavaForConditionalGeneration"]
     return config
 
@@ -291,7 +299,11 @@ def _save(model, tokenizer, path: Path) -> Path:
 
 
 def make_tiny_random_llava(
-    path: str | Path, seed: int = 0, num_layers: int = 2, hidden_size: int = 32, next_resolution: bool = False
+    path: str | Path,
+    seed: int = 0,
+    num_layers: int = 2,
+    hidden_size: int = 32,
+    next_resolution: bool = False,
 ) -> Path:
     """Saves an untrained tiny LLaVA (or LLaVA-NeXT) with the toy tokenizer and
     processor, for fast tests of splitting, merging and loading.
@@ -369,7 +381,9 @@ def _text_ids(text: str) -> list[int]:
     return [VOCAB[c] for c in text]
 
 
-def _train(vlm, pictures: list[Picture], features: torch.Tensor, rng: random.Random) -> None:
+def _train(
+    vlm, pictures: list[Picture], features: torch.Tensor, rng: random.Random
+) -> None:
     """Projector and LM trained on VQA plus base replay; the tower stays frozen."""
     import torch
 
@@ -377,7 +391,11 @@ def _train(vlm, pictures: list[Picture], features: torch.Tensor, rng: random.Ran
     from mergekit_evolve.toy.zoo import _base_examples
 
     pairs = split_pairs()["add_train"]
-    lm, head, projector = vlm.model.language_model, vlm.lm_head, vlm.model.multi_modal_projector
+    lm, head, projector = (
+        vlm.model.language_model,
+        vlm.lm_head,
+        vlm.model.multi_modal_projector,
+    )
     embed = lm.get_input_embeddings()
     params = [
         {"params": list(projector.parameters()), "lr": LR_PROJECTOR},
@@ -386,7 +404,10 @@ def _train(vlm, pictures: list[Picture], features: torch.Tensor, rng: random.Ran
     opt = torch.optim.AdamW(params, weight_decay=0.0, betas=(0.9, 0.98))
     warmup = max(1, STEPS // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / STEPS))
+        opt,
+        lambda s: (
+            min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / STEPS))
+        ),
     )
     kinds, weights = list(QUESTION_MIX), list(QUESTION_MIX.values())
     n_vqa = round(BATCH * (1 - REPLAY_SHARE))
@@ -408,11 +429,18 @@ def _train(vlm, pictures: list[Picture], features: torch.Tensor, rng: random.Ran
         ids, labels = _encode(tokens, starts, length)
         embeds = embed(ids)
         image = projector(features[index])  # (n_vqa, 16, hidden)
-        embeds = torch.cat([torch.cat([image, embeds[:n_vqa, NUM_IMAGE_TOKENS:]], dim=1), embeds[n_vqa:]])
+        embeds = torch.cat(
+            [
+                torch.cat([image, embeds[:n_vqa, NUM_IMAGE_TOKENS:]], dim=1),
+                embeds[n_vqa:],
+            ]
+        )
         hidden = lm(inputs_embeds=embeds).last_hidden_state
         logits = head(hidden)
         loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
+            logits[:, :-1].reshape(-1, logits.shape[-1]),
+            labels[:, 1:].reshape(-1),
+            ignore_index=-100,
         )
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -420,7 +448,13 @@ def _train(vlm, pictures: list[Picture], features: torch.Tensor, rng: random.Ran
         opt.step()
         sched.step()
         if (step + 1) % 100 == 0 or step + 1 == STEPS:
-            logger.info("toy vlm: step %d/%d loss %.4f (%.0fs)", step + 1, STEPS, loss.item(), time.perf_counter() - start)
+            logger.info(
+                "toy vlm: step %d/%d loss %.4f (%.0fs)",
+                step + 1,
+                STEPS,
+                loss.item(),
+                time.perf_counter() - start,
+            )
     vlm.eval()
 
 
@@ -429,7 +463,9 @@ def _tower_features(vlm, processor, pictures: list[Picture]) -> torch.Tensor:
     dropped), computed once for the whole training pool."""
     import torch
 
-    pixels = processor.image_processor([draw(p) for p in pictures], return_tensors="pt")["pixel_values"]
+    pixels = processor.image_processor(
+        [draw(p) for p in pictures], return_tensors="pt"
+    )["pixel_values"]
     with torch.no_grad():
         out = vlm.model.vision_tower(pixels, output_hidden_states=True)
         return out.hidden_states[-1][:, 1:].detach()
@@ -440,12 +476,17 @@ def _build(directory: Path, zoo_dir: Path, seed: int) -> None:
     import transformers
 
     torch.manual_seed(seed)
-    base = transformers.LlamaForCausalLM.from_pretrained(str(zoo_dir / "base"), dtype=torch.float32)
+    base = transformers.LlamaForCausalLM.from_pretrained(
+        str(zoo_dir / "base"), dtype=torch.float32
+    )
     # The added <image> row is never read as an input (LLaVA puts image features at
     # those positions); its head row starts at the mean of the others.
     base.resize_token_embeddings(IMAGE_TOKEN_ID + 1, mean_resizing=False)
     with torch.no_grad():
-        for matrix in (base.get_input_embeddings().weight, base.get_output_embeddings().weight):
+        for matrix in (
+            base.get_input_embeddings().weight,
+            base.get_output_embeddings().weight,
+        ):
             matrix[IMAGE_TOKEN_ID] = matrix[:IMAGE_TOKEN_ID].mean(0)
     config = _llava_config(base.config)
     vlm = transformers.LlavaForConditionalGeneration(config)
@@ -467,7 +508,9 @@ def _build(directory: Path, zoo_dir: Path, seed: int) -> None:
     _save(vlm, tokenizer, directory / "vlm")
 
 
-def build_toy_vlm(directory: str | Path, zoo_dir: str | Path, seed: int = 0, force: bool = False) -> Path:
+def build_toy_vlm(
+    directory: str | Path, zoo_dir: str | Path, seed: int = 0, force: bool = False
+) -> Path:
     """Trains (or reuses) the toy LLaVA from the toy zoo's base LM.
 
     Cached like the zoo: ``<directory>/toy_vlm.json`` records the seed, version and
@@ -484,12 +527,28 @@ def build_toy_vlm(directory: str | Path, zoo_dir: str | Path, seed: int = 0, for
     """
     directory, zoo_dir = Path(directory).resolve(), Path(zoo_dir).resolve()
     target = directory / "vlm"
-    zoo_meta = json.loads((zoo_dir / "zoo.json").read_text()) if (zoo_dir / "zoo.json").is_file() else {}
-    meta = {"seed": seed, "toy_vlm_version": TOY_VLM_VERSION, "zoo": {k: zoo_meta.get(k) for k in ("seed", "zoo_version")}}
-    if not force and is_built(directory, "toy_vlm.json", meta, [target / "config.json"]):
+    zoo_meta = (
+        json.loads((zoo_dir / "zoo.json").read_text())
+        if (zoo_dir / "zoo.json").is_file()
+        else {}
+    )
+    meta = {
+        "seed": seed,
+        "toy_vlm_version": TOY_VLM_VERSION,
+        "zoo": {k: zoo_meta.get(k) for k in ("seed", "zoo_version")},
+    }
+    if not force and is_built(
+        directory, "toy_vlm.json", meta, [target / "config.json"]
+    ):
         logger.info("toy vlm: reusing %s", target)
         return target
     # One thread: these matrices are tiny, and on a shared machine a second thread
     # spin-waits for its share (5x slower per step when contended).
-    build_atomically(directory, "toy_vlm.json", meta, lambda tmp: _build(tmp, zoo_dir, seed), threads=1)
+    build_atomically(
+        directory,
+        "toy_vlm.json",
+        meta,
+        lambda tmp: _build(tmp, zoo_dir, seed),
+        threads=1,
+    )
     return target

@@ -246,7 +246,9 @@ def zoo_model_configs(directory: str | Path) -> dict[str, dict]:
     Lets ``--dry-run`` validate and decode a toy config before the zoo is trained.
     """
     directory = Path(directory).resolve()
-    config = _llama_config(NUM_LAYERS, HIDDEN_SIZE, INTERMEDIATE_SIZE, NUM_HEADS).to_dict()
+    config = _llama_config(
+        NUM_LAYERS, HIDDEN_SIZE, INTERMEDIATE_SIZE, NUM_HEADS
+    ).to_dict()
     config["architectures"] = ["LlamaForCausalLM"]
     return {str(directory / name): dict(config) for name in MODEL_NAMES}
 
@@ -273,9 +275,18 @@ def build_zoo(
     directory = Path(directory).resolve()
     paths = {name: directory / name for name in MODEL_NAMES}
     meta = {"seed": seed, "zoo_version": ZOO_VERSION}
-    if not force and is_built(directory, "zoo.json", meta, [p / "config.json" for p in paths.values()]):
+    if not force and is_built(
+        directory, "zoo.json", meta, [p / "config.json" for p in paths.values()]
+    ):
         logger.info("toy zoo: reusing %s", directory)
         return paths
     # Two threads and deterministic kernels: the same seed gives the same zoo.
-    build_atomically(directory, "zoo.json", meta, lambda tmp: _build(tmp, seed), threads=2, deterministic=True)
+    build_atomically(
+        directory,
+        "zoo.json",
+        meta,
+        lambda tmp: _build(tmp, seed),
+        threads=2,
+        deterministic=True,
+    )
     return paths
