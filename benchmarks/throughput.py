@@ -161,7 +161,7 @@ def run_config(
 ):
     """The toy demo's search (per-layer task-arithmetic weights) over ``models``, with
     the serial runner or ``ray_workers`` Ray workers."""
-    from mergekit_evolve.config import parse_config
+    from mergekit_evolve.loading import parse_config
 
     fitness: dict[str, Any] = {
         "tasks": [{"task": FITNESS_TASK, "metric": "acc"}],
@@ -277,8 +277,8 @@ def naive_candidate(
 def in_process(config, sources, space, genome_list, in_memory: bool) -> dict[str, Any]:
     """Seconds per candidate with one Worker (the first candidate warms it up and is
     not timed: it allocates the model and the lm-eval wrapper)."""
-    from mergekit_evolve.loop import make_worker
     from mergekit_evolve.state import Candidate
+    from mergekit_evolve.worker import make_worker
 
     config = config.with_overrides(**{"builder.in_memory": in_memory})
     worker = make_worker(config, sources, space)

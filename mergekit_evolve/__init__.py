@@ -13,7 +13,9 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "RunConfig": "config",
-    "load_config": "config",
+    "load_config": "loading",
+    "Study": "study",
+    "prepare_run": "prepare",
     "Evolution": "loop",
     "SearchSpace": "spaces.base",
     "register_space": "spaces.base",

@@ -19,8 +19,6 @@ failed and tells the optimizer a penalty below the worst success so far.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 from collections.abc import Callable
@@ -31,15 +29,20 @@ from typing import Any, Literal
 import numpy as np
 from mergekit.config import MergeConfiguration
 
-from .config import OptimizerConfig, RunConfig, load_config
+from .config import OptimizerConfig, RunConfig
 from .errors import CandidateError, ConfigError, MergekitEvolveError
+from .loading import load_config
 from .optimizer import Optimizer, make_optimizer
+from .prepare import make_builder, prepare_run
+from .rundir import STATE_FILE, RunDir
 from .spaces.base import SearchSpace
-from .state import Candidate, History, Result, RunState, load_state, save_state
+from .state import Candidate, Result
+from .strict import content_hash, format_validation_error
+from .study import Study
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Search", "Trial", "evolve"]
+__all__ = ["Search", "Trial", "evolve", "make_evolution"]
 
 
 def evolve(
@@ -67,13 +70,32 @@ def evolve(
         ResumeError: ``resume`` with nothing (or something else) to resume.
         MergekitEvolveError: every candidate failed.
     """
-    from .loop import Evolution
-
     if not isinstance(config, RunConfig):
         config = load_config(config)
     if overrides:
         config = config.with_overrides(**overrides)
-    return Evolution(config, progress=progress).run(resume=resume)
+    return make_evolution(config, progress=progress).run(resume=resume)
+
+
+def make_evolution(config: RunConfig, progress: bool = False, build_zoo: bool = True):
+    """The run object for a config: a :class:`~.hybrid.HybridEvolution` for a
+    ``hybrid`` space (two stages), else an :class:`~.loop.Evolution`.
+
+    Args:
+        config: The validated run config.
+        progress: Show progress bars.
+        build_zoo: Build toy models the config asks for (off for dry runs).
+
+    Raises:
+        ConfigError: anything wrong with the config's models, space or tasks.
+    """
+    if config.space.type == "hybrid":
+        from .hybrid import HybridEvolution
+
+        return HybridEvolution(config, progress=progress, build_zoo=build_zoo)
+    from .loop import Evolution
+
+    return Evolution(config, progress=progress, build_zoo=build_zoo)
 
 
 @dataclass(frozen=True)
@@ -145,14 +167,22 @@ class Search:
             target = load_config(target)
         if isinstance(target, RunConfig):
             config = target
-            self.space = _space_from_config(config)
+            updates = {
+                "builder.dtype": dtype,
+                "builder.cuda": device and device != "cpu",
+            }
+            updates = {k: v for k, v in updates.items() if v is not None}
+            config = config.with_overrides(**updates) if updates else config
+            prepared = prepare_run(config)  # the same preparation as a whole run
+            self.space, self._sources = prepared.space, prepared.sources
             opt_config = optimizer if optimizer is not None else config.optimizer
         elif isinstance(target, SearchSpace):
-            self.space = target
+            self.space, self._sources = target, target.sources
             opt_config = optimizer if optimizer is not None else OptimizerConfig()
         else:
             raise TypeError(
-                f"Search needs a SearchSpace, a RunConfig or a config path, got {type(target).__name__}"
+                "Search needs a SearchSpace, a RunConfig or a config path, got "
+                f"{type(target).__name__}"
             )
         self.optimizer_config = _optimizer_config(
             opt_config, max_evals=max_evals, seed=seed
@@ -166,11 +196,21 @@ class Search:
         self._dtype = (
             dtype or (config.dtype if config else None) or self.space.dtype or "float32"
         )
-        self._device = device or ("cuda" if config and config.builder.cuda else "cpu")
+        self._device = device or (config.device if config else "cpu")
         self._builder = None
         self.directory = Path(directory) if directory is not None else None
-        self.results: dict[int, Result] = {}
-        self.state = self._open()
+        store = None
+        if self.directory is not None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            store = RunDir(self.directory)
+        self.study = Study(
+            self.optimizer,
+            self.config_hash(),
+            self.optimizer_config.max_evals,
+            store=store,
+            resume=self.directory is not None
+            and (self.directory / STATE_FILE).is_file(),
+        )
 
     # -- state ------------------------------------------------------------------------
 
@@ -179,37 +219,25 @@ class Search:
         settings (not the budget)."""
         if self.config is not None:
             return self.config.config_hash()
-        blob = {
-            "space": type(self.space).__name__,
-            "genes": self.space.gene_names(),
-            "optimizer": self.optimizer_config.model_dump(
-                mode="json", exclude={"max_evals"}
-            ),
-        }
-        return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[
-            :16
-        ]
+        return content_hash(
+            {
+                "space": type(self.space).__name__,
+                "genes": self.space.gene_names(),
+                "optimizer": self.optimizer_config.model_dump(
+                    mode="json", exclude={"max_evals"}
+                ),
+            }
+        )
 
-    def _open(self) -> RunState:
-        if self.directory is not None and (self.directory / "state.pkl").is_file():
-            state = load_state(self.directory, self.config_hash())
-            self.results = {r.index: r for r in History(self.directory).read()}
-            logger.info(
-                "resumed a search with %d results from %s",
-                len(self.results),
-                self.directory,
-            )
-            return state
-        state = RunState(config_hash=self.config_hash())
-        self.optimizer.start(state)
-        if self.directory is not None:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            save_state(self.directory, state)
-        return state
+    @property
+    def state(self):
+        """The search's :class:`~mergekit_evolve.state.RunState`."""
+        return self.study.state
 
-    def _save(self) -> None:
-        if self.directory is not None:
-            save_state(self.directory, self.state)
+    @property
+    def results(self) -> dict[int, Result]:
+        """Every told result, by trial index."""
+        return self.study.results
 
     @property
     def max_evals(self) -> int:
@@ -218,20 +246,15 @@ class Search:
     @property
     def done(self) -> bool:
         """Whether the budget is spent (every trial of it told)."""
-        return len(self.results) >= self.max_evals
+        return self.study.done
 
     # -- ask / tell -------------------------------------------------------------------
 
     def ask(self) -> list[Trial]:
         """The trials to evaluate next: the untold trials of the current generation, or
-        a new generation; never more than the budget left, and ``[]`` when it is spent."""
-        if self.done:
-            return []
-        if not self.state.pending:
-            self.optimizer.ask(self.state)
-            self._save()
-        todo = [c for c in self.state.pending if c.index not in self.results]
-        return [self._trial(c) for c in todo[: self.max_evals - len(self.results)]]
+        a new generation; never more than the budget left, and ``[]`` when it is
+        spent."""
+        return [self._trial(c) for c in self.study.ask()]
 
     def _trial(self, candidate: Candidate) -> Trial:
         genome = np.asarray(candidate.genome, dtype=float)
@@ -261,7 +284,9 @@ class Search:
             metrics: Raw scores to keep with the result (``{task: {metric: value}}``).
 
         Returns:
-            The recorded result (for a failure, ``fitness`` is the penalty told).
+            The recorded result (for a failure, ``fitness`` is None; the penalty the
+            optimizer is told once the generation is complete is in
+            ``state.penalties``).
 
         Raises:
             ValueError: the trial is not pending, or was told already.
@@ -274,49 +299,27 @@ class Search:
             raise ValueError(
                 f"trial {index} is not pending (ask first; pending: {sorted(pending)})"
             )
-        candidate = pending[index]
-        if isinstance(trial, Trial):
-            merge_config, genes = trial.merge_config, trial.genes
-        else:
-            made = self._trial(candidate)
-            merge_config, genes = made.merge_config, made.genes
+        made = trial if isinstance(trial, Trial) else self._trial(pending[index])
         ok = error is None and fitness is not None and math.isfinite(float(fitness))
         if error is None and not ok:
             error = f"fitness is {fitness}"
+        if isinstance(error, BaseException):
+            error = f"{type(error).__name__}: {error}"
+        merge_config = made.merge_config
         result = Result(
             index=index,
-            generation=candidate.generation,
-            genome=list(candidate.genome),
+            generation=made.candidate.generation,
+            genome=list(made.candidate.genome),
             status="ok" if ok else "failed",
-            fitness=float(fitness) if ok else _penalty(self.results),
+            fitness=float(fitness) if ok else None,
             metrics=dict(metrics or {}),
             merge_config=merge_config.model_dump(mode="json", exclude_none=True)
             if merge_config
             else None,
-            genes=genes,
-            error=None
-            if ok
-            else (
-                f"{type(error).__name__}: {error}"
-                if isinstance(error, BaseException)
-                else str(error)
-            ),
+            genes=made.genes,
+            error=None if ok else str(error),
         )
-        if self.directory is not None:
-            History(self.directory).append(result)
-        self.results[index] = result
-        if all(c.index in self.results for c in self.state.pending):
-            generation = self.state.pending
-            self.optimizer.tell(
-                self.state,
-                generation,
-                [self.results[c.index].fitness for c in generation],
-            )
-            self.state.generation += 1
-            self.state.pending = []
-        self.state.best = _best(self.results)
-        self._save()
-        return result
+        return self.study.record(result)
 
     def optimize(
         self,
@@ -368,26 +371,16 @@ class Search:
     def builder(self):
         """The :class:`~mergekit_evolve.builder.Builder` that :meth:`build` uses."""
         if self._builder is None:
-            from .builder import Builder
+            if self.config is not None:
+                self._builder = make_builder(self.config, self._sources)
+            else:
+                from .builder import Builder
 
-            sources = self.space.sources
-            tokenizer_model = (
-                self.config.sources.tokenizer_model() if self.config else None
-            )
-            tokenizer = (
-                sources.by_name(tokenizer_model)
-                if tokenizer_model
-                else (sources.base or sources.models[0])
-            )
-            self._builder = Builder(
-                dtype=self._dtype,
-                device=self._device,
-                in_memory=self.config.builder.in_memory if self.config else True,
-                tokenizer_path=tokenizer.path,
-                trust_remote_code=self.config.sources.trust_remote_code
-                if self.config
-                else False,
-            )
+                self._builder = Builder(
+                    dtype=self._dtype,
+                    device=self._device,
+                    tokenizer_path=self._sources.tokenizer_path,
+                )
         return self._builder
 
     def build(self, trial: Trial):
@@ -411,7 +404,7 @@ class Search:
     @property
     def best(self) -> Result | None:
         """The best successful result so far (ties go to the earliest)."""
-        return _best(self.results)
+        return self.study.best
 
     @property
     def best_config(self) -> MergeConfiguration | None:
@@ -450,19 +443,7 @@ class Search:
 
     def history(self) -> list[Result]:
         """Every told result, in trial order."""
-        return [self.results[i] for i in sorted(self.results)]
-
-
-def _space_from_config(config: RunConfig) -> SearchSpace:
-    from .sources import load_sources
-    from .spaces import make_space
-
-    if config.toy_zoo is not None:
-        from .toy import build_zoo
-
-        build_zoo(config.toy_zoo.dir, seed=config.toy_zoo.seed)
-    # Multi-stage spaces (hybrid) are not registered spaces: make_space names the field.
-    return make_space(config.space, load_sources(config.sources), config.dtype)
+        return self.study.history()
 
 
 def _optimizer_config(
@@ -470,23 +451,9 @@ def _optimizer_config(
 ) -> OptimizerConfig:
     from pydantic import ValidationError
 
-    from .config import format_validation_error
-
     data = value.model_dump() if isinstance(value, OptimizerConfig) else dict(value)
     data.update({k: v for k, v in updates.items() if v is not None})
     try:
         return OptimizerConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(format_validation_error(e, "optimizer")) from None
-
-
-def _penalty(results: dict[int, Result]) -> float:
-    from .loop import failure_penalty
-
-    return failure_penalty([r.fitness for r in results.values() if r.ok])
-
-
-def _best(results: dict[int, Result]) -> Result | None:
-    from .loop import best_result
-
-    return best_result(results)

@@ -32,16 +32,11 @@ from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
 from mergekit.plan import MergePlanner
 
-from .errors import BuildError
+from .errors import BuildError, candidate_failures
 from .mergekit_compat import output_model_config, plan_in_memory
+from .strict import torch_dtype
 
 logger = logging.getLogger(__name__)
-
-TORCH_DTYPES = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
 
 
 @dataclass
@@ -119,19 +114,13 @@ class Builder:
         start = time.perf_counter()
         use_memory = self.in_memory and self._fits_in_memory(config)
         tokenizer = None
-        try:
+        with candidate_failures(BuildError):
             if use_memory:
                 model = self._build_in_memory(config)
             else:
                 model, tokenizer = self._build_on_disk(config)
             if self.assembler is not None:
                 model = self.assembler.wrap(model)
-        except BuildError:
-            raise
-        except torch.cuda.OutOfMemoryError as e:
-            raise BuildError(f"out of memory while merging: {e}") from e
-        except Exception as e:  # mergekit raises plain exceptions of many types
-            raise BuildError(f"{type(e).__name__}: {e}") from e
         return BuiltModel(
             model, tokenizer or self.tokenizer, time.perf_counter() - start, use_memory
         )
@@ -147,16 +136,17 @@ class Builder:
             else Path(tempfile.mkdtemp(prefix="mergekit-evolve-", dir=self.scratch_dir))
         )
         try:
-            run_merge(
-                config,
-                str(text_dir),
-                options=self.options.model_copy(update={"copy_tokenizer": True}),
-            )
-            if self.assembler is not None:
-                self.assembler.save(text_dir, out_dir)
-        except Exception as e:
+            with candidate_failures(BuildError):
+                run_merge(
+                    config,
+                    str(text_dir),
+                    options=self.options.model_copy(update={"copy_tokenizer": True}),
+                )
+                if self.assembler is not None:
+                    self.assembler.save(text_dir, out_dir)
+        except BaseException:
             shutil.rmtree(out_dir, ignore_errors=True)
-            raise BuildError(f"{type(e).__name__}: {e}") from e
+            raise
         finally:
             if text_dir != out_dir:
                 shutil.rmtree(text_dir, ignore_errors=True)
@@ -167,7 +157,7 @@ class Builder:
         start = time.perf_counter()
         model = transformers.AutoModelForCausalLM.from_pretrained(
             str(path),
-            dtype=TORCH_DTYPES[self.dtype],
+            dtype=torch_dtype(self.dtype),
             trust_remote_code=self.trust_remote_code,
         ).to(self.device)
         model.eval()
@@ -240,11 +230,10 @@ class Builder:
         key = json.dumps(out_config.to_dict(), sort_keys=True, default=str)
         if key != self._model_key:
             self._model = None  # free the old one before allocating
-            torch_dtype = TORCH_DTYPES[self.dtype]
             with torch.device(self.device):
                 model = transformers.AutoModelForCausalLM.from_config(
                     out_config,
-                    dtype=torch_dtype,
+                    dtype=torch_dtype(self.dtype),
                     trust_remote_code=self.trust_remote_code,
                 )
             model.eval()
@@ -280,7 +269,7 @@ class Builder:
             )
             model = transformers.AutoModelForCausalLM.from_pretrained(
                 str(tmp),
-                dtype=TORCH_DTYPES[self.dtype],
+                dtype=torch_dtype(self.dtype),
                 trust_remote_code=self.trust_remote_code,
             ).to(self.device)
             model.eval()

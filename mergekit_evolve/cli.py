@@ -1,7 +1,9 @@
 """``mergekit-evolve CONFIG``: the command line.
 
 Exit status: 0 done, 2 bad input (config, paths, tasks, resume), 1 a run that failed.
-Errors print as one line, ``TypeName: message``.
+Errors print as one line, ``TypeName: message``. Heavy libraries (torch, mergekit,
+lm-eval) are imported only once a run needs them, so ``--help``, ``--version`` and
+config errors answer at once.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import logging  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
 import click  # noqa: E402
 
@@ -34,6 +37,16 @@ LIBRARY_LOGGERS = (
     "filelock",
 )
 
+EXAMPLES = """\b
+Examples:
+  mergekit-evolve configs/toy_ja_math.yml --output runs/demo
+  mergekit-evolve configs/toy_ja_math.yml --output runs/demo --resume
+  mergekit-evolve configs/ja_math.yml --dry-run
+
+Flags of mergekit's deprecated mergekit-evolve (--storage-path, --max-fevals,
+--random-seed, ...) are accepted too; docs/legacy.md lists them.
+"""
+
 
 def configure_logging(verbosity: int) -> None:
     """Quiet by default: warnings from this package, errors from libraries; ``-v``
@@ -45,25 +58,63 @@ def configure_logging(verbosity: int) -> None:
         stream=sys.stderr,
     )
     logging.getLogger("mergekit_evolve").setLevel(ours)
+    libraries = logging.INFO if verbosity >= 2 else logging.ERROR
     for name in LIBRARY_LOGGERS:
-        logging.getLogger(name).setLevel(
-            logging.INFO if verbosity >= 2 else logging.ERROR
-        )
-    import transformers
-
-    transformers.logging.set_verbosity(
-        logging.INFO if verbosity >= 2 else logging.ERROR
-    )
+        logging.getLogger(name).setLevel(libraries)
+    # transformers reads its verbosity from here when it is imported (importing it
+    # now to set it would cost seconds on every command).
+    os.environ["TRANSFORMERS_VERBOSITY"] = "info" if verbosity >= 2 else "error"
 
 
 def _version_message() -> str:
     return (
-        f"mergekit-evolve {__version__} (the mergekit_evolve package: evolutionary merge search; "
-        "not mergekit's deprecated evolve tool)"
+        f"mergekit-evolve {__version__} (the mergekit_evolve package: evolutionary "
+        "merge search; not mergekit's deprecated evolve tool)"
     )
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+# mergekit's deprecated mergekit-evolve flags, so its command lines run as they are
+# (docs/legacy.md). Hidden from --help. Each is an alias of one of our options
+# (FLAG_ALIASES) or sets one config field (LEGACY_FIELDS).
+FLAG_ALIASES = (
+    ("output", "storage_path", "--output", "--storage-path"),
+    ("max_evals", "max_fevals", "--max-evals", "--max-fevals"),
+    ("seed", "random_seed", "--seed", "--random-seed"),
+    ("cuda", "merge_cuda", "--cuda/--no-cuda", "--merge-cuda/--no-merge-cuda"),
+)
+LEGACY_FIELDS = {
+    "sigma0": "optimizer.sigma0",
+    "trust_remote_code": "sources.trust_remote_code",
+    "batch_size": "fitness.batch_size",
+    "save_final_model": "output.save_final",
+    "force_population_size": "optimizer.population",
+}
+
+
+def merge_flag_aliases(ours: dict[str, Any], legacy: dict[str, Any]) -> dict[str, Any]:
+    """Our flags' values with each legacy alias applied.
+
+    Raises:
+        ConfigError: a flag and its legacy alias were both given, different.
+    """
+    merged = dict(ours)
+    for key, alias_key, flag, alias_flag in FLAG_ALIASES:
+        alias = legacy.get(alias_key)
+        if alias is None:
+            continue
+        if merged.get(key) is not None and merged[key] != alias:
+            raise ConfigError(f"give {flag} or its legacy alias {alias_flag}, not both")
+        merged[key] = alias
+    return merged
+
+
+def _legacy(*names: str, **kwargs: Any):
+    return click.option(*names, hidden=True, **kwargs)
+
+
+@click.command(
+    context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXAMPLES
+)
 @click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
 @click.option(
     "--output",
@@ -78,7 +129,7 @@ def _version_message() -> str:
 )
 @click.option(
     "--seed",
-    type=click.IntRange(min=0),
+    type=click.IntRange(min=0, max=2**32 - 1),
     help="Optimizer seed (overrides optimizer.seed).",
 )
 @click.option(
@@ -92,61 +143,25 @@ def _version_message() -> str:
 @click.option(
     "--dry-run",
     is_flag=True,
-    help="Validate, print the search size and the first candidate's mergekit YAML; build nothing.",
+    help="Validate, print the search size and the first candidate's mergekit "
+    "YAML; build nothing.",
 )
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
-# mergekit's deprecated mergekit-evolve flags, so its command lines run as they are
-# (docs/legacy.md); each is an alias of one of ours or sets one config field.
-@click.option(
-    "--storage-path",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Legacy alias of --output.",
-)
-@click.option(
-    "--max-fevals", type=click.IntRange(min=1), help="Legacy alias of --max-evals."
-)
-@click.option(
-    "--random-seed",
-    type=click.IntRange(min=0),
-    help="Legacy alias of --seed (seeds CMA-ES).",
-)
-@click.option(
-    "--merge-cuda/--no-merge-cuda",
-    default=None,
-    help="Legacy alias of --cuda/--no-cuda.",
-)
-@click.option(
-    "--sigma0",
-    type=click.FloatRange(min=0, max=1, min_open=True),
-    help="CMA-ES initial step size in the unit cube (overrides optimizer.sigma0).",
-)
-@click.option(
+@_legacy("--storage-path", type=click.Path(file_okay=False, path_type=Path))
+@_legacy("--max-fevals", type=click.IntRange(min=1))
+@_legacy("--random-seed", type=click.IntRange(min=0, max=2**32 - 1))
+@_legacy("--merge-cuda/--no-merge-cuda", default=None)
+@_legacy("--sigma0", type=click.FloatRange(min=0, max=1, min_open=True))
+@_legacy(
     "--task-search-path",
     multiple=True,
     type=click.Path(exists=True, file_okay=False, path_type=Path),
-    help="Extra lm-eval task folder (repeatable; adds to fitness.task_dirs).",
 )
-@click.option(
-    "--trust-remote-code/--no-trust-remote-code",
-    default=None,
-    help="Overrides sources.trust_remote_code.",
-)
-@click.option(
-    "--batch-size",
-    type=click.IntRange(min=1),
-    help="lm-eval batch size (overrides fitness.batch_size).",
-)
-@click.option(
-    "--save-final-model/--no-save-final-model",
-    default=None,
-    help="Overrides output.save_final.",
-)
-@click.option(
-    "--force-population-size",
-    type=click.IntRange(min=2),
-    help="Legacy name of optimizer.population.",
-)
+@_legacy("--trust-remote-code/--no-trust-remote-code", default=None)
+@_legacy("--batch-size", type=click.IntRange(min=1))
+@_legacy("--save-final-model/--no-save-final-model", default=None)
+@_legacy("--force-population-size", type=click.IntRange(min=2))
 @click.version_option(__version__, "--version", message=_version_message())
 def main(
     config: Path,
@@ -164,35 +179,24 @@ def main(
     config of mergekit's deprecated mergekit-evolve)."""
     configure_logging(verbose)
     try:
-        from .legacy import merge_flag_aliases
-
-        output, max_evals, seed, cuda = merge_flag_aliases(
-            output, max_evals, seed, cuda, legacy
+        flags = merge_flag_aliases(
+            {"output": output, "max_evals": max_evals, "seed": seed, "cuda": cuda},
+            legacy,
         )
+        extra = {field: legacy[name] for name, field in LEGACY_FIELDS.items()}
         _run(
             config,
-            output,
-            max_evals,
-            seed,
+            flags,
             resume,
-            cuda,
             dry_run,
             not no_progress,
-            sigma0=legacy["sigma0"],
             task_search_path=legacy["task_search_path"],
-            extra={
-                "sources.trust_remote_code": legacy["trust_remote_code"],
-                "fitness.batch_size": legacy["batch_size"],
-                "output.save_final": legacy["save_final_model"],
-                "optimizer.population": legacy["force_population_size"],
-            },
+            extra=extra,
         )
     except (ConfigError, ResumeError) as e:
         message = str(e)
         if isinstance(e, ConfigError) and not message.startswith(str(config)):
-            message = (
-                f"{config}: {message}"  # say which file, also for checks after parsing
-            )
+            message = f"{config}: {message}"  # say which file, also after parsing
         click.echo(f"{type(e).__name__}: {message}", err=True)
         sys.exit(2)
     except MergekitEvolveError as e:
@@ -202,27 +206,22 @@ def main(
 
 def _run(
     config_path: Path,
-    output,
-    max_evals,
-    seed,
-    resume,
-    cuda,
-    dry_run,
-    progress,
-    sigma0=None,
+    flags: dict[str, Any],
+    resume: bool,
+    dry_run: bool,
+    progress: bool,
     task_search_path=(),
-    extra=None,
+    extra: dict[str, Any] | None = None,
 ) -> None:
-    from .config import load_config
-    from .loop import Evolution
+    from .loading import load_config
 
     config = load_config(config_path)
+    output = flags["output"]
     overrides = {
         "output.dir": str(output.resolve()) if output else None,
-        "optimizer.max_evals": max_evals,
-        "optimizer.seed": seed,
-        "builder.cuda": cuda,
-        "optimizer.sigma0": sigma0,
+        "optimizer.max_evals": flags["max_evals"],
+        "optimizer.seed": flags["seed"],
+        "builder.cuda": flags["cuda"],
         "fitness.task_dirs": [
             *config.fitness.task_dirs,
             *(str(p.resolve()) for p in task_search_path),
@@ -241,42 +240,38 @@ def _run(
             raise ConfigError(
                 "builder.cuda: CUDA was asked for, but torch sees no GPU (use --no-cuda)"
             )
+    from .api import make_evolution
 
-    if config.space.type == "hybrid":
-        from .hybrid import HybridEvolution
-
-        evolution = HybridEvolution(config, progress=progress, build_zoo=not dry_run)
-    else:
-        evolution = Evolution(config, progress=progress, build_zoo=not dry_run)
+    evolution = make_evolution(config, progress=progress, build_zoo=not dry_run)
     if dry_run:
-        if config.space.type == "hybrid":
-            # One block per stage, each with its own space, budget and first candidate.
-            for stage, report in evolution.dry_run():
-                stage_config = (
-                    evolution.ps_config if stage == "ps" else evolution.dfs_config
-                )
-                click.echo(
-                    f"stage {stage}: search space: {stage_config.space.type}, {report.dim} genes; "
-                    f"population {report.population}; budget {stage_config.optimizer.max_evals} candidates"
-                )
-                click.echo(f"stage {stage}: first candidate (mergekit YAML):")
-                click.echo(report.first_candidate_yaml.rstrip())
-            return
-        report = evolution.dry_run()
-        click.echo(
-            f"search space: {config.space.type}, {report.dim} genes; population {report.population}; "
-            f"budget {config.optimizer.max_evals} candidates"
-        )
-        click.echo("first candidate (mergekit YAML):")
-        click.echo(report.first_candidate_yaml.rstrip())
+        _print_dry_run(config, evolution)
         return
     summary = evolution.run(resume=resume)
-    run_dir = Path(config.output.dir)
     click.echo(
-        f"best fitness {summary['fitness']['best']:.4f} after {summary['evaluations']} candidates; results in {run_dir}"
+        f"best fitness {summary['fitness']['best']:.4f} after "
+        f"{summary['evaluations']} candidates; results in {config.output.dir}"
     )
     best = summary["heldout"].get("best")
     if best:
         click.echo(
             "held-out (best): " + ", ".join(f"{t} {v:.4f}" for t, v in best.items())
         )
+
+
+def _print_dry_run(config, evolution) -> None:
+    """One block per search (a hybrid has two stages): space, budget, first candidate."""
+    if config.space.type == "hybrid":
+        stages = [
+            (f"stage {stage}: ", evolution.stage_config(stage), report)
+            for stage, report in evolution.dry_run()
+        ]
+    else:
+        stages = [("", config, evolution.dry_run())]
+    for prefix, stage_config, report in stages:
+        click.echo(
+            f"{prefix}search space: {stage_config.space.type}, {report.dim} genes; "
+            f"population {report.population}; budget "
+            f"{stage_config.optimizer.max_evals} candidates"
+        )
+        click.echo(f"{prefix}first candidate (mergekit YAML):")
+        click.echo(report.first_candidate_yaml.rstrip())

@@ -7,14 +7,9 @@ reported as one :class:`~mergekit_evolve.errors.ConfigError` line naming the fie
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     Field,
     ValidationError,
@@ -24,113 +19,18 @@ from pydantic import (
 )
 
 from .errors import ConfigError
+from .sources import ModelSpec, SourcesConfig
 from .spaces.dataflow import DataflowSpaceConfig
 from .spaces.param import ParameterSpaceConfig
-from .spaces.template import TemplateSpaceConfig, with_template_sources
-from .strict import StrictModel
+from .spaces.template import TemplateSpaceConfig
+from .strict import (
+    DType,
+    StrictModel,
+    content_hash,
+    format_validation_error,
+    resolve_path,
+)
 from .vlm import VlmConfig
-
-DTYPES = ("float32", "float16", "bfloat16")
-# "org/name": what a model on the Hugging Face hub looks like (and what a local path
-# usually does not: those start with ".", "/" or "~", or have more parts).
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def resolve_path(value: str, info: ValidationInfo) -> str:
-    """Makes ``value`` absolute against the config file's directory (from the context)."""
-    base = (info.context or {}).get("base_dir")
-    path = Path(os.path.expanduser(value))
-    if not path.is_absolute() and base is not None:
-        path = Path(base) / path
-    return str(path.resolve()) if base is not None else str(path)
-
-
-class ModelSpec(StrictModel):
-    """A source model.
-
-    Attributes:
-        name: Short name used in genes and reports (default: the directory name).
-        path: A local model directory, or a hub id (``org/name``) on machines with a hub.
-    """
-
-    name: str
-    path: str
-
-    @model_validator(mode="before")
-    @classmethod
-    def _short_form(cls, data: Any) -> Any:
-        if isinstance(data, str):
-            return {"name": Path(data.rstrip("/")).name, "path": data}
-        return data
-
-    @field_validator("path")
-    @classmethod
-    def _resolve(cls, value: str, info: ValidationInfo) -> str:
-        if (
-            HUB_ID.match(value)
-            and not (Path((info.context or {}).get("base_dir", ".")) / value).exists()
-        ):
-            return value  # a hub id; resolved later against sources.model_root
-        return resolve_path(value, info)
-
-    @property
-    def is_hub_id(self) -> bool:
-        return bool(HUB_ID.match(self.path))
-
-
-class SourcesConfig(StrictModel):
-    """The models to merge.
-
-    Attributes:
-        models: Every source model (the base model too, when there is one).
-        base_model: Name of the base model for task-vector methods (ties, dare, ...).
-        tokenizer_source: mergekit's ``tokenizer_source``: ``base``, ``union``, a model
-            name, or null to keep the first model's tokenizer.
-        dtype: Dtype of merged models.
-        trust_remote_code: Passed to transformers and mergekit; off unless asked.
-        model_root: A folder holding hub models by name: ``org/name`` resolves to
-            ``model_root/name`` when that folder exists. The environment variable
-            ``MERGEKIT_EVOLVE_MODEL_ROOT`` does the same.
-    """
-
-    models: list[ModelSpec] = Field(min_length=1)
-    base_model: str | None = None
-    tokenizer_source: str | None = "base"
-    dtype: Literal["float32", "float16", "bfloat16"] = "bfloat16"
-    trust_remote_code: bool = False
-    model_root: str | None = None
-
-    @field_validator("model_root")
-    @classmethod
-    def _resolve_root(cls, value: str | None, info: ValidationInfo) -> str | None:
-        return None if value is None else resolve_path(value, info)
-
-    @model_validator(mode="after")
-    def _check_names(self) -> SourcesConfig:
-        names = [m.name for m in self.models]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
-            raise ValueError(
-                f"model names must be unique, got {duplicates} twice (set 'name:')"
-            )
-        if self.base_model is not None and self.base_model not in names:
-            raise ValueError(
-                f"base_model {self.base_model!r} is not one of the models {names}"
-            )
-        if self.tokenizer_source not in (None, "base", "union", *names):
-            raise ValueError(
-                f"tokenizer_source must be 'base', 'union', null or a model name {names}, "
-                f"got {self.tokenizer_source!r}"
-            )
-        return self
-
-    def tokenizer_model(self) -> str | None:
-        """The model name whose tokenizer candidates use (None for ``union``)."""
-        if self.tokenizer_source == "base":
-            return self.base_model or self.models[0].name
-        if self.tokenizer_source is None:
-            return self.models[0].name
-        return None if self.tokenizer_source == "union" else self.tokenizer_source
 
 
 class ToyZooConfig(StrictModel):
@@ -278,7 +178,7 @@ class BuilderConfig(StrictModel):
 
     cuda: bool = False
     in_memory: bool = True
-    dtype: Literal["float32", "float16", "bfloat16"] | None = None
+    dtype: DType | None = None
 
 
 class RunnerConfig(StrictModel):
@@ -414,7 +314,10 @@ class HybridSpaceConfig(StrictModel):
 
 
 SpaceConfig = Annotated[
-    ParameterSpaceConfig | DataflowSpaceConfig | HybridSpaceConfig | TemplateSpaceConfig,
+    ParameterSpaceConfig
+    | DataflowSpaceConfig
+    | HybridSpaceConfig
+    | TemplateSpaceConfig,
     Field(discriminator="type"),
 ]
 
@@ -439,12 +342,16 @@ class RunConfig(StrictModel):
     def dtype(self) -> str:
         return self.builder.dtype or self.sources.dtype
 
+    @property
+    def device(self) -> str:
+        """Where candidates are merged and scored: ``"cuda"`` or ``"cpu"``."""
+        return "cuda" if self.builder.cuda else "cpu"
+
     def config_hash(self) -> str:
         """Hash of everything that decides the search (not output or runner settings)."""
         relevant = self.model_dump(mode="json", exclude={"output", "runner", "heldout"})
         relevant["optimizer"].pop("max_evals")  # a resumed run may extend its budget
-        blob = json.dumps(relevant, sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        return content_hash(relevant)
 
     def with_overrides(self, **updates: Any) -> RunConfig:
         """A copy with dotted-path overrides (``{"optimizer.seed": 3}``), re-validated."""
@@ -455,46 +362,16 @@ class RunConfig(StrictModel):
             for key in parents:
                 node = node[key]
             node[leaf] = value
-        return parse_config(data, source="overrides", base_dir=None)
+        return validate_config(data, source="overrides", base_dir=None)
 
 
-# A model validator names the field it rejects at the start of its message
-# ("parameters.weight: range ..."): such a prefix joins the location instead.
-_FIELD_PREFIX = re.compile(r"^([A-Za-z_][\w]*(?:\.[\w]+)*): (.*)$", re.DOTALL)
+def validate_config(data: Any, source: str, base_dir: str | Path | None) -> RunConfig:
+    """Validates a config mapping (already read from YAML; see :mod:`.loading`).
 
-
-def format_validation_error(
-    error: ValidationError, source: str, data: Any = None
-) -> str:
-    """One line: ``FILE: field.path: message`` (plus a count of further problems)."""
-    first = error.errors()[0]
-    loc = [str(p) for p in first["loc"] if not str(p).startswith("function-")]
-    # The space union is tagged by ``type``: pydantic puts the tag ("parameter") into
-    # the location, where the user wrote no such key. Drop it.
-    space_type = (
-        data.get("space", {}).get("type")
-        if isinstance(data, dict) and isinstance(data.get("space"), dict)
-        else None
-    )
-    if len(loc) > 1 and loc[0] == "space" and loc[1] == space_type:
-        del loc[1]
-    message = first["msg"].removeprefix("Value error, ")
-    prefixed = _FIELD_PREFIX.match(message)
-    if prefixed and first["type"] == "value_error":
-        loc.append(prefixed.group(1))
-        message = prefixed.group(2)
-    where = ".".join(loc)
-    if first["type"] == "extra_forbidden":
-        message = "unknown key"
-    elif first["type"] == "missing":
-        message = "field required"
-    more = len(error.errors()) - 1
-    tail = f" (and {more} more problem{'s' * (more > 1)})" if more else ""
-    return f"{source}: {where or '<top>'}: {message}{tail}"
-
-
-def parse_config(data: Any, source: str, base_dir: str | Path | None) -> RunConfig:
-    """Validates a config mapping.
+    Args:
+        data: The mapping.
+        source: Named in error messages (the file name).
+        base_dir: Where relative paths resolve (None: keep them as written).
 
     Raises:
         ConfigError: one line naming the field and what was expected.
@@ -504,35 +381,7 @@ def parse_config(data: Any, source: str, base_dir: str | Path | None) -> RunConf
             f"{source}: expected a mapping at the top level, got {type(data).__name__}"
         )
     context = {"base_dir": str(base_dir)} if base_dir is not None else {}
-    data = with_template_sources(
-        data, source, base_dir
-    )  # a template space may omit sources
     try:
         return RunConfig.model_validate(data, context=context)
     except ValidationError as e:
         raise ConfigError(format_validation_error(e, source, data)) from None
-
-
-def load_config(path: str | Path) -> RunConfig:
-    """Reads and validates a run config YAML (with ``yaml.safe_load``).
-
-    A config written for mergekit's deprecated ``mergekit-evolve`` (a top-level
-    ``genome:`` key) is converted first; see :mod:`mergekit_evolve.legacy`.
-
-    Raises:
-        ConfigError: the file is missing, is not YAML, or does not validate.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        first_line = str(e).splitlines()[0]
-        raise ConfigError(f"{path}: not valid YAML: {first_line}") from None
-    from .legacy import convert_if_legacy
-
-    data = convert_if_legacy(
-        data, source=str(path), base_dir=path.resolve().parent
-    )  # mergekit's evo format
-    return parse_config(data, source=str(path), base_dir=path.resolve().parent)

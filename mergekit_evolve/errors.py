@@ -8,6 +8,9 @@ Candidate-level errors (:class:`InvalidGenomeError`, :class:`BuildError`,
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 class MergekitEvolveError(Exception):
     """Base class of every error this package raises on purpose."""
@@ -39,3 +42,51 @@ class EvalError(CandidateError):
 
 class UnsupportedModelError(ConfigError):
     """A source model's architecture cannot be handled by the requested search space."""
+
+
+# -- expected failures of one candidate ------------------------------------------------
+#
+# Merging and scoring one candidate can fail for reasons that belong to that candidate
+# (a merge that needs more memory, tensors mergekit cannot combine, lm-eval choking on
+# a degenerate model) and must not stop a search of a thousand. Anything else (a
+# TypeError, AttributeError, KeyError...) is a bug in our code or a library's, and
+# hiding it as "every one of N candidates failed" would burn the budget: it stops the
+# run with its traceback. This is the one table of what counts as expected, in the
+# spirit of Optuna's ``catch=``.
+EXPECTED_FAILURES: tuple[tuple[str, str], ...] = (
+    ("torch", "OutOfMemoryError"),  # CUDA out of memory (a RuntimeError subclass)
+    ("builtins", "MemoryError"),  # host out of memory
+    ("builtins", "RuntimeError"),  # torch shape/numeric errors, mergekit's own
+    ("builtins", "ValueError"),  # mergekit and lm-eval reject values
+    ("builtins", "OSError"),  # a model file missing or unreadable
+    ("safetensors", "SafetensorError"),  # a corrupt or truncated checkpoint
+)
+
+
+def expected_failure_types() -> tuple[type[BaseException], ...]:
+    """The exception types of :data:`EXPECTED_FAILURES` that can be imported here."""
+    import importlib
+
+    types = []
+    for module, name in EXPECTED_FAILURES:
+        try:
+            types.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(types)
+
+
+@contextmanager
+def candidate_failures(error: type[CandidateError]) -> Iterator[None]:
+    """Re-raises an expected failure (:data:`EXPECTED_FAILURES`) as ``error``;
+    candidate errors pass as they are, and anything else propagates unchanged."""
+    try:
+        yield
+    except CandidateError:
+        raise
+    except Exception as e:
+        if not isinstance(e, expected_failure_types()):
+            raise
+        what = "out of memory" if "OutOfMemory" in type(e).__name__ else ""
+        message = f"{type(e).__name__}: {e}" if not what else f"{what}: {e}"
+        raise error(message) from e

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from .config import EvalSuiteConfig
-from .errors import EvalError
+from .errors import EvalError, candidate_failures
 from .objective import Metrics
 from .tasks import task_manager_for
 
@@ -140,20 +140,17 @@ class Evaluator:
         from lm_eval.evaluator import evaluate
 
         start = time.perf_counter()
-        try:
-            with torch.no_grad():
-                output = evaluate(
-                    lm=self._wrapper(model, tokenizer),
-                    task_dict=self.task_dict,
-                    limit=self.suite.limit,
-                    samples=self.samples,
-                    bootstrap_iters=0,
-                    log_samples=False,
-                    apply_chat_template=self.suite.apply_chat_template,
-                    verbosity="ERROR",
-                )
-        except Exception as e:  # lm-eval, transformers and torch raise many types
-            raise EvalError(f"lm-eval failed: {type(e).__name__}: {e}") from e
+        with candidate_failures(EvalError), torch.no_grad():
+            output = evaluate(
+                lm=self._wrapper(model, tokenizer),
+                task_dict=self.task_dict,
+                limit=self.suite.limit,
+                samples=self.samples,
+                bootstrap_iters=0,
+                log_samples=False,
+                apply_chat_template=self.suite.apply_chat_template,
+                verbosity="ERROR",
+            )
         if not output or "results" not in output:
             raise EvalError("lm-eval returned no results")
         metrics = {

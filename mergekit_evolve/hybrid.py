@@ -48,20 +48,22 @@ import numpy as np
 import yaml
 
 from . import report
-from .config import HybridSpaceConfig, RunConfig, parse_config
+from .config import HybridSpaceConfig, RunConfig, validate_config
 from .errors import ConfigError, MergekitEvolveError, ResumeError
-from .loop import (
+from .loop import DryRun, Evolution
+from .optimizer import Optimizer
+from .prepare import make_builder
+from .rundir import (
     BEST_FILE,
     CONFIG_FILE,
     FINAL_DIR,
+    STATE_FILE,
     SUMMARY_FILE,
-    DryRun,
-    Evolution,
-    make_builder,
+    History,
+    RunDir,
 )
-from .optimizer import Optimizer
 from .sources import read_model_info, resolve_model_path
-from .state import Candidate, History, RunState, load_state
+from .state import Candidate, RunState
 
 logger = logging.getLogger(__name__)
 
@@ -237,7 +239,7 @@ class HybridEvolution:
         )
         data["output"]["save_final"] = True  # the DFS stage's source
         with _prefix_errors("space.ps."):
-            return parse_config(
+            return validate_config(
                 data, source=f"{self.config.name} (PS stage)", base_dir=None
             )
 
@@ -264,7 +266,7 @@ class HybridEvolution:
             "baselines": False,
         }
         with _prefix_errors("space.dfs."):
-            return parse_config(
+            return validate_config(
                 data, source=f"{self.config.name} (DFS stage)", base_dir=None
             )
 
@@ -337,6 +339,10 @@ class HybridEvolution:
 
     # -- dry run and run --------------------------------------------------------------
 
+    def stage_config(self, stage: str) -> RunConfig:
+        """The run config of a stage (``"ps"`` or ``"dfs"``)."""
+        return self.ps_config if stage == PS_DIR else self.dfs_config
+
     def dry_run(self) -> list[tuple[str, DryRun]]:
         """Each stage's search size and first candidate; builds nothing. The DFS
         stage's first candidate is the PS model's own layer stack."""
@@ -359,21 +365,12 @@ class HybridEvolution:
                 on after its DFS stage started.
         """
         run_dir, dfs_dir = self.run_dir, self.run_dir / DFS_DIR
-        if not resume and run_dir.exists() and any(run_dir.iterdir()):
-            raise ConfigError(
-                f"output.dir: {run_dir} already holds files; pass --resume to continue that run, "
-                "or choose another --output"
-            )
-        if resume and not (run_dir / CONFIG_FILE).is_file():
+        if not resume:
+            RunDir(run_dir).create()
+        elif not (run_dir / CONFIG_FILE).is_file():
             raise ResumeError(f"{run_dir}: nothing to resume ({CONFIG_FILE} not found)")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / CONFIG_FILE).write_text(
-            yaml.safe_dump(
-                self.config.model_dump(mode="json"), sort_keys=False, allow_unicode=True
-            ),
-            encoding="utf-8",
-        )
-        dfs_started = (dfs_dir / "state.pkl").is_file()
+        RunDir(run_dir).write_config(self.config)
+        dfs_started = (dfs_dir / STATE_FILE).is_file()
         if self.ps_evolution is not None:
             ps_dir = run_dir / PS_DIR
             if not _stage_done(ps_dir, self.ps_config):
@@ -383,7 +380,7 @@ class HybridEvolution:
                         "cannot go on (a larger PS budget?) without changing that model; use a new --output"
                     )
                 logger.info("hybrid: PS stage in %s", ps_dir)
-                self.ps_evolution.run(resume=(ps_dir / "state.pkl").is_file())
+                self.ps_evolution.run(resume=(ps_dir / STATE_FILE).is_file())
         elif not (self.ps_path / "config.json").is_file():
             self._materialize(self.ps_best_file, self.ps_path)
         if not (self.ps_path / "config.json").is_file():
@@ -555,12 +552,11 @@ class HybridEvolution:
 
 def _stage_done(stage_dir: Path, config: RunConfig) -> bool:
     """Whether a stage's run directory holds a finished run with its whole budget."""
-    if not (stage_dir / "state.pkl").is_file():
+    stage = RunDir(stage_dir)
+    if not stage.has_state:
         return False
-    state = load_state(stage_dir, config.config_hash())
-    return (
-        state.finished and len(History(stage_dir).read()) >= config.optimizer.max_evals
-    )
+    state = stage.load_state(config.config_hash())
+    return state.finished and len(stage.results()) >= config.optimizer.max_evals
 
 
 __all__ = ["HybridEvolution", "X0FirstOptimizer", "planned_model_config"]

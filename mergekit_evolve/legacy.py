@@ -30,7 +30,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 from .spaces.param import default_searched, method_spec
-from .strict import StrictModel
+from .strict import HUB_ID, StrictModel, format_validation_error
 
 logger = logging.getLogger(__name__)
 
@@ -241,15 +241,11 @@ def convert_legacy_config(
     Raises:
         ConfigError: one line naming the legacy field (``genome.merge_method: ...``).
     """
-    from .config import format_validation_error
-
     try:
         legacy = LegacyConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(format_validation_error(e, source)) from None
     genome = legacy.genome
-
-    from .config import HUB_ID
 
     fields = {f"genome.models.{i}": m for i, m in enumerate(genome.models)}
     if genome.base_model:
@@ -435,38 +431,3 @@ def _unique_names(paths: list[str]) -> dict[str, str]:
             unique = f"{name}_{n}"
         names[path] = unique
     return names
-
-
-# mergekit-evolve's flag -> ours (both name the same setting).
-FLAG_ALIASES = (
-    ("--output", "storage_path", "--storage-path"),
-    ("--max-evals", "max_fevals", "--max-fevals"),
-    ("--seed", "random_seed", "--random-seed"),
-    ("--cuda/--no-cuda", "merge_cuda", "--merge-cuda/--no-merge-cuda"),
-)
-
-
-def merge_flag_aliases(
-    output: Any, max_evals: Any, seed: Any, cuda: Any, legacy: dict[str, Any]
-) -> tuple[Any, Any, Any, Any]:
-    """Folds the legacy flag aliases into ours.
-
-    Args:
-        output, max_evals, seed, cuda: Our flags' values (None: not given).
-        legacy: The legacy flags' values by parameter name (``storage_path``...).
-
-    Returns:
-        ``(output, max_evals, seed, cuda)`` with each legacy alias applied.
-
-    Raises:
-        ConfigError: a flag and its legacy alias were both given, with different values.
-    """
-    values = [output, max_evals, seed, cuda]
-    for i, (ours, key, theirs) in enumerate(FLAG_ALIASES):
-        alias = legacy.get(key)
-        if alias is None:
-            continue
-        if values[i] is not None and values[i] != alias:
-            raise ConfigError(f"give {ours} or its legacy alias {theirs}, not both")
-        values[i] = alias
-    return values[0], values[1], values[2], values[3]

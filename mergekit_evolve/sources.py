@@ -1,4 +1,4 @@
-"""Facts about the source models, read from their ``config.json`` only.
+"""The source models: their config block, and facts read from their ``config.json``.
 
 Search spaces need a few facts (depth, architecture) to lay out their genes. They are
 read here once, without loading any weights, so ``--dry-run`` works with config-only
@@ -13,9 +13,100 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field, ValidationInfo, field_validator, model_validator
+
 from .errors import ConfigError
+from .strict import HUB_ID, DType, StrictModel, resolve_path
 
 MODEL_ROOT_ENV = "MERGEKIT_EVOLVE_MODEL_ROOT"
+
+
+class ModelSpec(StrictModel):
+    """A source model.
+
+    Attributes:
+        name: Short name used in genes and reports (default: the directory name).
+        path: A local model directory, or a hub id (``org/name``) on machines with a hub.
+    """
+
+    name: str
+    path: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _short_form(cls, data: Any) -> Any:
+        if isinstance(data, str):
+            return {"name": Path(data.rstrip("/")).name, "path": data}
+        return data
+
+    @field_validator("path")
+    @classmethod
+    def _resolve(cls, value: str, info: ValidationInfo) -> str:
+        if (
+            HUB_ID.match(value)
+            and not (Path((info.context or {}).get("base_dir", ".")) / value).exists()
+        ):
+            return value  # a hub id; resolved later against sources.model_root
+        return resolve_path(value, info)
+
+    @property
+    def is_hub_id(self) -> bool:
+        return bool(HUB_ID.match(self.path))
+
+
+class SourcesConfig(StrictModel):
+    """The models to merge.
+
+    Attributes:
+        models: Every source model (the base model too, when there is one).
+        base_model: Name of the base model for task-vector methods (ties, dare, ...).
+        tokenizer_source: mergekit's ``tokenizer_source``: ``base``, ``union``, a model
+            name, or null to keep the first model's tokenizer.
+        dtype: Dtype of merged models.
+        trust_remote_code: Passed to transformers and mergekit; off unless asked.
+        model_root: A folder holding hub models by name: ``org/name`` resolves to
+            ``model_root/name`` when that folder exists. The environment variable
+            ``MERGEKIT_EVOLVE_MODEL_ROOT`` does the same.
+    """
+
+    models: list[ModelSpec] = Field(min_length=1)
+    base_model: str | None = None
+    tokenizer_source: str | None = "base"
+    dtype: DType = "bfloat16"
+    trust_remote_code: bool = False
+    model_root: str | None = None
+
+    @field_validator("model_root")
+    @classmethod
+    def _resolve_root(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return None if value is None else resolve_path(value, info)
+
+    @model_validator(mode="after")
+    def _check_names(self) -> SourcesConfig:
+        names = [m.name for m in self.models]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(
+                f"model names must be unique, got {duplicates} twice (set 'name:')"
+            )
+        if self.base_model is not None and self.base_model not in names:
+            raise ValueError(
+                f"base_model {self.base_model!r} is not one of the models {names}"
+            )
+        if self.tokenizer_source not in (None, "base", "union", *names):
+            raise ValueError(
+                f"tokenizer_source must be 'base', 'union', null or a model name {names}, "
+                f"got {self.tokenizer_source!r}"
+            )
+        return self
+
+    def tokenizer_model(self) -> str | None:
+        """The model name whose tokenizer candidates use (None for ``union``)."""
+        if self.tokenizer_source == "base":
+            return self.base_model or self.models[0].name
+        if self.tokenizer_source is None:
+            return self.models[0].name
+        return None if self.tokenizer_source == "union" else self.tokenizer_source
 
 
 @dataclass(frozen=True)
@@ -89,11 +180,21 @@ class SourceSet:
         tokenizer_source: mergekit's ``tokenizer_source`` for merges of these models:
             ``"union"``, the path of the model whose vocabulary the merge keeps, or
             None (no tokenizer handling: every source shares one vocabulary).
+        tokenizer_model: Name of the source whose tokenizer scores candidates
+            (None: the first model's; see ``SourcesConfig.tokenizer_model``).
     """
 
     models: tuple[ModelInfo, ...]
     base: ModelInfo | None = None
     tokenizer_source: str | None = None
+    tokenizer_model: str | None = None
+
+    @property
+    def tokenizer_path(self) -> str:
+        """The model directory whose tokenizer candidates are scored with."""
+        if self.tokenizer_model is not None:
+            return self.by_name(self.tokenizer_model).path
+        return self.models[0].path
 
     @property
     def experts(self) -> tuple[ModelInfo, ...]:
@@ -168,6 +269,7 @@ def load_sources(config, planned: dict[str, dict[str, Any]] | None = None) -> So
         models=tuple(infos),
         base=base,
         tokenizer_source=_tokenizer_source(config, infos),
+        tokenizer_model=config.tokenizer_model(),
     )
 
 

@@ -1,27 +1,13 @@
-"""Everything a run must remember to be killed and resumed: one state file and one log.
-
-* ``state.pkl`` holds the :class:`RunState` (optimizer object, the generation asked
-  but not yet told, best so far). It is replaced atomically (write a temporary file,
-  fsync, ``os.replace``) after every ask and every tell.
-* ``history.jsonl`` gets one :class:`Result` per evaluated candidate, appended and
-  fsynced as soon as it is known. It is the source for reports and for resuming a
-  generation half done: candidates already in it are not evaluated again.
-"""
+"""The records of a search: a :class:`Candidate` asked, its :class:`Result`, and the
+:class:`RunState` that holds all progress (see :mod:`.rundir` for where they are kept
+and :mod:`.study` for the one place that advances them)."""
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import pickle
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Literal
-
-from .errors import ResumeError
-
-STATE_FILE = "state.pkl"
-HISTORY_FILE = "history.jsonl"
 
 
 @dataclass(frozen=True)
@@ -45,7 +31,8 @@ class Result:
 
     Attributes:
         status: ``"ok"`` or ``"failed"``.
-        fitness: The fitness (for failed candidates, the penalty the optimizer was told).
+        fitness: The fitness (None for failed candidates; the penalty they were told
+            is in ``RunState.penalties``).
         metrics: Raw lm-eval metrics, ``{task: {"metric,filter": value}}``.
         merge_config: The decoded mergekit configuration (``MergeConfiguration`` dump).
         genes: The genome's genes by name, in their real ranges.
@@ -97,7 +84,7 @@ def _finite(value: Any) -> Any:
 
 @dataclass
 class RunState:
-    """All progress of a run (only ``loop.py`` advances it).
+    """All progress of a run (only :class:`~mergekit_evolve.study.Study` advances it).
 
     Attributes:
         config_hash: Hash of the config that decides the search; resuming under another
@@ -108,6 +95,7 @@ class RunState:
             numpy's random state).
         pending: The generation asked but not yet told.
         best: The best successful result so far.
+        penalties: The fitness told for each failed candidate, by index.
         finished: The budget is spent and final outputs are written.
         wall_seconds: Time spent in this run so far, over all resumes.
     """
@@ -118,68 +106,6 @@ class RunState:
     optimizer: dict[str, Any] = field(default_factory=dict)
     pending: list[Candidate] = field(default_factory=list)
     best: Result | None = None
+    penalties: dict[int, float] = field(default_factory=dict)
     finished: bool = False
     wall_seconds: float = 0.0
-
-
-def save_state(run_dir: Path, state: RunState) -> None:
-    """Writes ``state.pkl`` atomically: a kill leaves the old or the new file, never half."""
-    path = Path(run_dir) / STATE_FILE
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as f:
-        pickle.dump(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def load_state(run_dir: Path, config_hash: str) -> RunState:
-    """Reads ``state.pkl`` of a run directory.
-
-    Raises:
-        ResumeError: no state file, or it belongs to a different config.
-    """
-    path = Path(run_dir) / STATE_FILE
-    if not path.is_file():
-        raise ResumeError(f"{run_dir}: nothing to resume ({STATE_FILE} not found)")
-    with open(path, "rb") as f:
-        state: RunState = pickle.load(f)  # our own file, written by save_state
-    if state.config_hash != config_hash:
-        raise ResumeError(
-            f"{run_dir}: the run was started with a different config (hash {state.config_hash}, "
-            f"now {config_hash}); use a new --output directory"
-        )
-    return state
-
-
-class History:
-    """The append-only ``history.jsonl`` of a run directory."""
-
-    def __init__(self, run_dir: Path) -> None:
-        self.path = Path(run_dir) / HISTORY_FILE
-
-    def append(self, result: Result) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(result.to_json() + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-
-    def read(self) -> list[Result]:
-        """Every complete line; a line cut short by a kill is dropped (and truncated away
-        so the next append starts on a fresh line)."""
-        if not self.path.is_file():
-            return []
-        results, good_bytes = [], 0
-        with open(self.path, "rb") as f:
-            for raw in f:
-                if not raw.endswith(b"\n"):
-                    break
-                try:
-                    results.append(Result.from_json(raw.decode("utf-8")))
-                except (json.JSONDecodeError, TypeError, UnicodeDecodeError):
-                    break
-                good_bytes += len(raw)
-        if good_bytes != self.path.stat().st_size:
-            with open(self.path, "r+b") as f:
-                f.truncate(good_bytes)
-        return results

@@ -48,7 +48,7 @@ from pydantic import ValidationInfo, field_validator
 
 from .errors import BuildError, ConfigError, UnsupportedModelError
 from .sources import ModelInfo, SourceSet
-from .strict import StrictModel
+from .strict import StrictModel, resolve_path
 
 if TYPE_CHECKING:
     import torch
@@ -123,8 +123,6 @@ class ToyVlmConfig(StrictModel):
     @field_validator("dir")
     @classmethod
     def _resolve(cls, value: str, info: ValidationInfo) -> str:
-        from .config import resolve_path
-
         return resolve_path(value, info)
 
 
@@ -151,8 +149,6 @@ class VlmConfig(StrictModel):
     @field_validator("cache_dir")
     @classmethod
     def _resolve(cls, value: str | None, info: ValidationInfo) -> str | None:
-        from .config import resolve_path
-
         return None if value is None else resolve_path(value, info)
 
     def cache_path(self) -> Path:

@@ -1,6 +1,7 @@
 """Evaluates one candidate: decode -> build -> score -> :class:`Result`.
 
-The same class runs in the main process (serial runner) and inside Ray actors.
+The same class runs in the main process (serial runner) and inside Ray actors, which
+make theirs with :func:`make_worker` from the pickled config and prepared sources.
 Expected failures (invalid genome, merge error, lm-eval error, out of memory, NaN
 fitness) become failed results; anything else is a bug and propagates.
 """
@@ -12,14 +13,15 @@ import math
 import socket
 
 import numpy as np
-import torch
 
 from . import objective
 from .builder import Builder
-from .config import TaskSpec
+from .config import RunConfig, TaskSpec
 from .errors import CandidateError, EvalError
 from .evaluator import Evaluator
-from .spaces.base import SearchSpace
+from .prepare import make_builder, make_evaluator
+from .sources import SourceSet
+from .spaces import SearchSpace, make_space
 from .state import Candidate, Result
 
 logger = logging.getLogger(__name__)
@@ -76,9 +78,39 @@ class Worker:
                 raise EvalError(f"fitness is {fitness}")
             result.fitness, result.status = fitness, "ok"
         except CandidateError as e:
+            # Expected failures only (errors.EXPECTED_FAILURES): a bug propagates and
+            # stops the run with its traceback.
             result.error = f"{type(e).__name__}: {e}"
-        except torch.cuda.OutOfMemoryError as e:
-            result.error = f"OutOfMemoryError: {e}"
         if result.error:
             logger.warning("candidate %d failed: %s", candidate.index, result.error)
         return result
+
+
+def make_worker(
+    config: RunConfig,
+    sources: SourceSet,
+    space: SearchSpace | None = None,
+    name: str | None = None,
+) -> Worker:
+    """A :class:`Worker` for a prepared run (:func:`~.prepare.prepare_run`): in this
+    process, or inside a Ray actor that received the config and sources.
+
+    Args:
+        config: The run config.
+        sources: Its prepared source models.
+        space: The search space (default: made from ``config.space``).
+        name: The worker's name in ``history.jsonl`` (default: the host name).
+
+    Raises:
+        ConfigError: a fitness task cannot be loaded.
+    """
+    space = (
+        space if space is not None else make_space(config.space, sources, config.dtype)
+    )
+    return Worker(
+        space,
+        make_builder(config, sources),
+        make_evaluator(config, config.fitness),
+        list(config.fitness.tasks),
+        name=name,
+    )

@@ -13,8 +13,8 @@ from click.testing import CliRunner
 from conftest import tiny_config
 
 from mergekit_evolve.cli import main
-from mergekit_evolve.config import load_config, parse_config
 from mergekit_evolve.errors import ConfigError
+from mergekit_evolve.loading import load_config, parse_config
 
 
 @pytest.fixture

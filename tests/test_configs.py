@@ -41,7 +41,7 @@ def test_committed_config_dry_runs_offline(config, monkeypatch, tmp_path):
 
 
 def test_ja_math_config_follows_the_paper():
-    from mergekit_evolve.config import load_config
+    from mergekit_evolve.loading import load_config
 
     config = load_config(REPO / "configs" / "ja_math.yml")
     assert config.space.method == "dare_ties" and config.space.granularity == "layer"

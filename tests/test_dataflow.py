@@ -465,8 +465,8 @@ def test_toy_dfs_best_reproduces_with_mergekit_yaml(toy_zoo, write_config, tmp_p
     from mergekit.scripts.run_yaml import main as mergekit_yaml
 
     from mergekit_evolve import objective
-    from mergekit_evolve.config import load_config
     from mergekit_evolve.evaluator import Evaluator
+    from mergekit_evolve.loading import load_config
     from mergekit_evolve.loop import Evolution
 
     run_dir = tmp_path / "run"

@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 from conftest import REPO, tiny_config
 
-from mergekit_evolve.config import OptimizerConfig, load_config, parse_config
+from mergekit_evolve.config import OptimizerConfig
 from mergekit_evolve.errors import ConfigError, ResumeError
 from mergekit_evolve.hybrid import (
     HybridEvolution,
     X0FirstOptimizer,
     planned_model_config,
 )
+from mergekit_evolve.loading import load_config, parse_config
 from mergekit_evolve.loop import Evolution
 from mergekit_evolve.optimizer import make_optimizer
 from mergekit_evolve.state import RunState

@@ -13,14 +13,10 @@ import yaml
 from click.testing import CliRunner
 from conftest import REPO
 
-from mergekit_evolve.cli import main
-from mergekit_evolve.config import load_config
+from mergekit_evolve.cli import main, merge_flag_aliases
 from mergekit_evolve.errors import ConfigError
-from mergekit_evolve.legacy import (
-    convert_legacy_config,
-    is_legacy_config,
-    merge_flag_aliases,
-)
+from mergekit_evolve.legacy import convert_legacy_config, is_legacy_config
+from mergekit_evolve.loading import load_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest
 
@@ -227,19 +223,19 @@ def test_flag_aliases_fold_into_ours_and_conflicts_are_errors():
         "random_seed": 3,
         "merge_cuda": False,
     }
-    assert merge_flag_aliases(None, None, None, None, legacy) == (
-        Path("/tmp/x"),
-        5,
-        3,
-        False,
-    )
-    assert (
-        merge_flag_aliases(None, 5, None, None, legacy)[1] == 5
-    )  # the same value twice is fine
+    none = {"output": None, "max_evals": None, "seed": None, "cuda": None}
+    assert merge_flag_aliases(none, legacy) == {
+        "output": Path("/tmp/x"),
+        "max_evals": 5,
+        "seed": 3,
+        "cuda": False,
+    }
+    # the same value twice is fine
+    assert merge_flag_aliases({**none, "max_evals": 5}, legacy)["max_evals"] == 5
     with pytest.raises(
         ConfigError, match="give --max-evals or its legacy alias --max-fevals, not both"
     ):
-        merge_flag_aliases(None, 6, None, None, legacy)
+        merge_flag_aliases({**none, "max_evals": 6}, legacy)
 
 
 def test_toy_legacy_config_runs_with_the_legacy_flags(toy_zoo, tmp_path, monkeypatch):

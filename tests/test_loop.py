@@ -19,12 +19,12 @@ from mergekit.config import MergeConfiguration
 
 from mergekit_evolve.builder import Builder
 from mergekit_evolve.cli import main
-from mergekit_evolve.config import load_config, parse_config
 from mergekit_evolve.errors import BuildError, EvalError, MergekitEvolveError
 from mergekit_evolve.evaluator import Evaluator
+from mergekit_evolve.loading import load_config, parse_config
 from mergekit_evolve.loop import Evolution
 from mergekit_evolve.objective import scores
-from mergekit_evolve.state import History
+from mergekit_evolve.rundir import History, RunDir
 
 
 def toy_run_config(
@@ -242,12 +242,13 @@ def test_failing_candidates_are_recorded_and_the_run_goes_on(
     assert failed[2].error == "BuildError: injected merge failure"
     assert failed[5].error.startswith("EvalError: injected")
     assert "nan" in failed[7].error
-    worst_ok = min(r.fitness for r in results[:6] if r.ok)
-    assert all(
-        r.status == "failed" and r.fitness < worst_ok
-        for r in failed.values()
-        if r.generation == 0
-    )
+    # Failures are recorded without a fitness; each is told a penalty below every
+    # success known when its generation was told.
+    state = RunDir(run_dir).load_state(config.config_hash())
+    for r in failed.values():
+        known = [o.fitness for o in results if o.ok and o.generation <= r.generation]
+        assert r.status == "failed" and r.fitness is None
+        assert state.penalties[r.index] < min(known)
 
 
 def test_a_run_where_every_candidate_fails_exits_1(

@@ -225,7 +225,7 @@ def test_della_density_range_leaves_room_for_epsilon(tiny_models):
 def test_tokenizer_source_reaches_the_merge_config(tiny_models, tmp_path):
     from conftest import tiny_config
 
-    from mergekit_evolve.config import parse_config
+    from mergekit_evolve.loading import parse_config
     from mergekit_evolve.sources import load_sources
 
     def decoded(tokenizer_source):

@@ -20,10 +20,12 @@ import pytest
 import yaml
 from conftest import REPO, tiny_config
 
-from mergekit_evolve.config import load_config, parse_config
 from mergekit_evolve.errors import ConfigError, MergekitEvolveError
-from mergekit_evolve.loop import Evolution, make_worker
+from mergekit_evolve.loading import load_config, parse_config
+from mergekit_evolve.loop import Evolution
+from mergekit_evolve.prepare import prepare_run
 from mergekit_evolve.state import Candidate, RunState
+from mergekit_evolve.worker import make_worker
 
 pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
@@ -251,8 +253,9 @@ def test_ray_failures_are_results_and_crashes_are_errors(
         "c.yml",
         None,
     )
-    with RayRunner(config) as runner:
-        dim = make_worker(config).space.dim
+    prepared = prepare_run(config)
+    with RayRunner(config, prepared.sources) as runner:
+        dim = prepared.space.dim
         # Every indicator gene below 0.5: the path keeps no layer (InvalidGenomeError).
         [failed] = runner.evaluate([Candidate(0, 0, (0.0,) * dim)])
         assert failed.status == "failed" and failed.fitness is None

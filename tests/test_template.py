@@ -16,8 +16,8 @@ from conftest import REPO, tiny_config
 from mergekit import merge_methods
 from mergekit.merge_methods.base import ParameterScope
 
-from mergekit_evolve.config import load_config, parse_config
 from mergekit_evolve.errors import ConfigError, InvalidGenomeError
+from mergekit_evolve.loading import load_config, parse_config
 from mergekit_evolve.sources import SourceSet, load_sources
 from mergekit_evolve.spaces import SPACES, make_space
 from mergekit_evolve.spaces.param import method_spec

@@ -265,7 +265,7 @@ def test_a_vlm_run_scores_candidates_with_hf_multimodal_and_saves_a_vlm(
     from conftest import tiny_config
     from transformers import AutoModelForImageTextToText
 
-    from mergekit_evolve.config import load_config
+    from mergekit_evolve.loading import load_config
     from mergekit_evolve.loop import Evolution
 
     data = tiny_config(
@@ -295,6 +295,39 @@ def test_a_vlm_run_scores_candidates_with_hf_multimodal_and_saves_a_vlm(
     assert 0.0 <= summary["heldout"]["best"]["toy_vqa_count_en"] <= 1.0
     final = AutoModelForImageTextToText.from_pretrained(str(tmp_path / "run" / "final"))
     assert type(final).__name__ == "LlavaForConditionalGeneration"
+
+
+def test_search_prepares_a_vlm_config_as_the_command_line_does(models, tmp_path):
+    """Search(config) goes through the same preparation as a run: its candidates are
+    VLMs (the text decoder merged, the vision tower kept), built with the run's
+    tokenizer."""
+    from conftest import tiny_config
+
+    from mergekit_evolve import Search
+    from mergekit_evolve.loading import parse_config
+    from mergekit_evolve.loop import Evolution
+
+    data = tiny_config(
+        {"llava": models["llava"], "expert": models["expert"]},
+        tmp_path / "run",
+        vlm={
+            "model": "llava",
+            "loading": "llava",
+            "cache_dir": str(models["root"] / "cache"),
+        },
+        space={"type": "parameter", "method": "linear", "granularity": "global"},
+        optimizer={"type": "cma", "population": 2, "max_evals": 2, "seed": 0},
+        fitness={"tasks": [{"task": "toy_vqa_count_ja_fitness"}], "limit": 4},
+    )
+    data["sources"]["base_model"] = None
+    config = parse_config(data, "c.yml", None)
+    search = Search(config)
+    [trial, _] = search.ask()
+    built = search.build(trial)
+    assert type(built.model).__name__ == "LlavaForConditionalGeneration"
+    cli_builder = Evolution(config).prepared.make_builder()
+    assert search.builder._tokenizer_path == cli_builder._tokenizer_path
+    assert search.tell(trial, 0.5).ok
 
 
 # ----------------------------------------------------------------------------- LLaVA-NeXT

@@ -125,7 +125,7 @@ class WorkerActor:
         Kept out of ``__init__`` so that a load error (a missing model or task on this
         node) comes back to the driver as that error, not as a dead actor.
         """
-        from ..loop import make_worker
+        from ..worker import make_worker
 
         start = time.perf_counter()
         self.worker = make_worker(self.config, self.sources, name=self.name)
@@ -147,19 +147,17 @@ class RayRunner:
 
     Args:
         config: The run config (``runner`` says how many workers and where).
-        sources: The run's source models (default: read from ``config.sources``).
+        sources: The run's prepared source models (:func:`~..prepare.prepare_run`).
 
     Raises:
         ConfigError: Ray is not installed.
     """
 
-    def __init__(self, config: RunConfig, sources: SourceSet | None = None) -> None:
-        from ..sources import load_sources
-
+    def __init__(self, config: RunConfig, sources: SourceSet) -> None:
         self._ray = _import_ray()
         self.config = config
         self.runner = config.runner
-        self.sources = sources if sources is not None else load_sources(config.sources)
+        self.sources = sources
         self.actors: list[Any] = []
         self.names: list[str] = []
         self._started_ray = False
@@ -232,7 +230,7 @@ class RayRunner:
 
     def _start_actors(self) -> None:
         ray = self._ray
-        cuda = self.config.builder.cuda
+        cuda = self.config.device == "cuda"
         self._check_resources(cuda)
         actor_class = ray.remote(WorkerActor)
         options = dict(

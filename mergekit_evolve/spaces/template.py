@@ -37,8 +37,8 @@ from mergekit.config import MergeConfiguration
 from pydantic import ValidationError, ValidationInfo, field_validator, model_validator
 
 from ..errors import ConfigError, InvalidGenomeError
-from ..sources import SourceSet, load_sources
-from ..strict import Bounds, StrictModel
+from ..sources import SourcesConfig, SourceSet, load_sources
+from ..strict import HUB_ID, Bounds, StrictModel, format_validation_error
 from .base import SearchSpace, register_space
 from .param import method_spec
 
@@ -122,8 +122,6 @@ def resolve_model_reference(value: str, base_dir: str | Path | None) -> str:
     id (``org/name``) is left as it is and any other path resolves against
     ``base_dir`` (a model that is built later, such as the toy zoo).
     """
-    from ..config import HUB_ID
-
     roots = ([Path(base_dir)] if base_dir is not None else []) + [Path.cwd()]
     parts = []
     for part in value.split("+"):
@@ -643,8 +641,6 @@ class TemplateSpace(SearchSpace):
         Raises:
             ConfigError: the template or a model it names is invalid.
         """
-        from ..config import SourcesConfig, format_validation_error
-
         data = {
             "type": "template",
             "template": str(path),
@@ -780,8 +776,6 @@ def with_template_sources(
         or space.get("type") != "template"
     ):
         return data
-    from ..config import format_validation_error
-
     context = {"base_dir": str(base_dir)} if base_dir is not None else {}
     try:
         config = TemplateSpaceConfig.model_validate(space, context=context)

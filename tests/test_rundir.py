@@ -1,4 +1,4 @@
-"""Run state and history: atomic, append-only, and safe against a kill mid-write."""
+"""The run directory's state and history: atomic, append-only, and safe against a kill mid-write."""
 
 from __future__ import annotations
 
@@ -8,14 +8,8 @@ import math
 import pytest
 
 from mergekit_evolve.errors import ResumeError
-from mergekit_evolve.state import (
-    Candidate,
-    History,
-    Result,
-    RunState,
-    load_state,
-    save_state,
-)
+from mergekit_evolve.rundir import History, RunDir
+from mergekit_evolve.state import Candidate, Result, RunState
 
 
 def result(i: int, fitness: float = 0.5, status: str = "ok") -> Result:
@@ -37,17 +31,17 @@ def test_state_round_trip_and_hash_check(tmp_path):
         pending=[Candidate(8, 2, (0.5, 0.5))],
         best=result(3),
     )
-    save_state(tmp_path, state)
-    loaded = load_state(tmp_path, "abc")
+    RunDir(tmp_path).save_state(state)
+    loaded = RunDir(tmp_path).load_state("abc")
     assert loaded == state
     assert not list(tmp_path.glob("*.tmp"))
     with pytest.raises(ResumeError, match="different config"):
-        load_state(tmp_path, "other")
+        RunDir(tmp_path).load_state("other")
 
 
 def test_nothing_to_resume(tmp_path):
     with pytest.raises(ResumeError, match="nothing to resume"):
-        load_state(tmp_path, "abc")
+        RunDir(tmp_path).load_state("abc")
 
 
 def test_history_appends_json_lines_with_every_field(tmp_path):

@@ -1,0 +1,133 @@
+"""From a validated config to what a search needs: source facts, the search space,
+and factories for the builder and evaluators. Every entry point (the command line,
+:func:`~.api.evolve`, :class:`~.api.Search`, Ray workers, hybrid stages) prepares a
+run here, so they build the same models with the same tokenizer.
+
+Preparing may build things a config asks for (the toy zoo, the toy VLM) and, for a
+VLM run, extract the VLM's text decoder; with ``build=False`` (``--dry-run``) it
+writes nothing and plans those models from the configs they will have.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .builder import Builder
+from .config import EvalSuiteConfig, RunConfig
+from .errors import ConfigError
+from .evaluator import Evaluator
+from .sources import SourceSet, load_sources
+from .spaces import SearchSpace, make_space
+from .tasks import task_manager_for
+
+
+@dataclass
+class PreparedRun:
+    """A config with its sources and space, ready to search.
+
+    Attributes:
+        config: The validated run config.
+        sources: Facts about the source models (for a VLM run: its text decoder and
+            vocabulary-aligned copies of the text sources, see :mod:`.vlm`).
+        space: The search space.
+    """
+
+    config: RunConfig
+    sources: SourceSet
+    space: SearchSpace
+
+    def make_builder(self) -> Builder:
+        return make_builder(self.config, self.sources)
+
+    def make_evaluator(self, suite: EvalSuiteConfig) -> Evaluator:
+        return make_evaluator(self.config, suite)
+
+
+def prepare_run(
+    config: RunConfig,
+    build: bool = True,
+    planned_models: dict[str, dict[str, Any]] | None = None,
+) -> PreparedRun:
+    """Validates everything that can be checked before a run directory exists:
+    source models, the search space, and that every lm-eval task exists.
+
+    Args:
+        config: The validated run config (not a ``hybrid``: each of its stages is
+            prepared on its own, see :mod:`.hybrid`).
+        build: Build the toy zoo / toy VLM and extract VLM text decoders when missing
+            (off for dry runs: nothing is written).
+        planned_models: ``{path: config.json dict}`` of source models that do not
+            exist yet but will before the run (a hybrid's PS model).
+
+    Raises:
+        ConfigError: anything wrong with the config's models, space or tasks.
+    """
+    if config.space.type == "hybrid":
+        raise ConfigError(
+            "space.type: a hybrid runs in two stages, each prepared on its own; "
+            "use mergekit_evolve.hybrid.HybridEvolution"
+        )
+    planned = {**_toy_models(config, build), **(planned_models or {})}
+    sources = load_sources(config.sources, planned=planned)
+    if config.vlm is not None:
+        # Spaces and mergekit see the VLM's text decoder (extracted once, cached)
+        # and vocabulary-aligned copies of the text sources; see vlm.py.
+        from .vlm import prepare_sources
+
+        sources = prepare_sources(config.vlm, sources, write=build)[0]
+    space = make_space(config.space, sources, config.dtype)
+    fields = {
+        f"{suite}.tasks.{i}.task": spec.task
+        for suite in ("fitness", "heldout")
+        for i, spec in enumerate(getattr(config, suite).tasks)
+    }
+    task_manager_for(list(fields.values()), config.fitness.task_dirs, fields)
+    return PreparedRun(config, sources, space)
+
+
+def _toy_models(config: RunConfig, build: bool) -> dict[str, dict[str, Any]]:
+    """Builds the toy zoo and toy VLM a config asks for (``build``), or returns the
+    ``config.json`` of each one not built yet, by path."""
+    planned: dict[str, dict[str, Any]] = {}
+    if config.toy_zoo is not None:
+        from .toy import build_zoo, zoo_model_configs
+
+        if build:
+            build_zoo(config.toy_zoo.dir, seed=config.toy_zoo.seed)
+        else:
+            planned.update(zoo_model_configs(config.toy_zoo.dir))
+    if config.vlm is not None:
+        from .vlm import plan_toy_vlm
+
+        zoo_dir = config.toy_zoo.dir if config.toy_zoo else None
+        planned.update(plan_toy_vlm(config.vlm, zoo_dir, build))
+    return planned
+
+
+def make_builder(config: RunConfig, sources: SourceSet) -> Builder:
+    """The builder a run's candidates, its final model and its held-out rows are
+    built with.
+
+    Args:
+        config: The run config (dtype, device, in-memory builds, remote code).
+        sources: Its prepared source models (the tokenizer comes from one of them).
+    """
+    assembler = None
+    if config.vlm is not None:
+        from .vlm import make_assembler
+
+        assembler = make_assembler(config.vlm, sources, config.dtype, config.device)
+    return Builder(
+        dtype=config.dtype,
+        device=config.device,
+        in_memory=config.builder.in_memory,
+        tokenizer_path=sources.tokenizer_path,
+        trust_remote_code=config.sources.trust_remote_code,
+        assembler=assembler,
+    )
+
+
+def make_evaluator(config: RunConfig, suite: EvalSuiteConfig) -> Evaluator:
+    """An evaluator for one suite of the config (its fitness or held-out tasks)."""
+    return Evaluator(suite, config.fitness.task_dirs, multimodal=config.vlm is not None)

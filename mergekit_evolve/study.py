@@ -1,0 +1,182 @@
+"""The one ask/tell core: every entry point (the command line, :func:`~.api.evolve`,
+:class:`~.api.Search`, each stage of a hybrid) advances a search through a
+:class:`Study`.
+
+A study hands out the candidates of one generation, records each result the moment
+it is known (``history.jsonl`` when it has a run directory), and tells the optimizer
+the generation once all of its results are in. Failed candidates are told a penalty
+computed right before ``tell`` from everything known at that moment
+(:func:`told_fitness`), so the values told do not depend on the order in which a
+generation's results arrived (with Ray they arrive in completion order).
+
+Like Optuna's ``study.tell``, results may be recorded one by one and in any order.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+from .optimizer import Optimizer
+from .rundir import RunDir
+from .state import Candidate, Result, RunState
+
+logger = logging.getLogger(__name__)
+
+
+def failure_penalty(ok_fitness: Sequence[float]) -> float:
+    """The fitness a failed candidate is told: below the worst success by a tenth of
+    the observed spread (at least 0.01), so CMA-ES moves away from failures without
+    one failure distorting the ranking. With no success yet, -1 (fitness is a mean of
+    scores that are usually within [0, 1])."""
+    if not ok_fitness:
+        return -1.0
+    worst, best = min(ok_fitness), max(ok_fitness)
+    return worst - max(0.1 * (best - worst), 0.01)
+
+
+def told_fitness(generation: Sequence[Result], known: Sequence[Result]) -> list[float]:
+    """What the optimizer is told for a finished generation: each success's fitness,
+    and for each failure the penalty below every success in ``known`` (all results so
+    far, this generation's included). A function of sets, not of arrival order."""
+    penalty = failure_penalty([r.fitness for r in known if r.ok])
+    return [r.fitness if r.ok else penalty for r in generation]
+
+
+def best_result(results: Sequence[Result]) -> Result | None:
+    """Highest fitness among successful results; ties go to the earliest."""
+    ok = [r for r in results if r.ok]
+    return max(ok, key=lambda r: (r.fitness, -r.index)) if ok else None
+
+
+class Study:
+    """Ask/tell over an optimizer, a budget, and (optionally) a run directory.
+
+    Args:
+        optimizer: Proposes genomes and learns from what it is told.
+        config_hash: What identifies this search (resuming under another is refused).
+        max_evals: Budget: results to record in all.
+        store: Where state and results are kept (None: in memory only).
+        resume: Continue the search saved in ``store``.
+
+    Raises:
+        ResumeError: ``resume`` with nothing (or another search) in ``store``.
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        config_hash: str,
+        max_evals: int,
+        store: RunDir | None = None,
+        resume: bool = False,
+    ) -> None:
+        self.optimizer = optimizer
+        self.max_evals = max_evals
+        self.store = store
+        self._clock = time.perf_counter()
+        self.results: dict[int, Result] = {}
+        if resume:
+            if store is None:
+                raise ValueError("resume needs a store")
+            self.state = store.load_state(config_hash)
+            self.results = {r.index: r for r in store.results()}
+            logger.info(
+                "resumed with %d results from %s", len(self.results), store.path
+            )
+        else:
+            self.state = RunState(config_hash=config_hash)
+            self.optimizer.start(self.state)
+            self.save()
+
+    # -- ask / record / tell ----------------------------------------------------------
+
+    @property
+    def done(self) -> bool:
+        """Whether the budget is spent."""
+        return len(self.results) >= self.max_evals
+
+    def ask(self) -> list[Candidate]:
+        """The candidates to evaluate next: the unrecorded ones of the current
+        generation, or a new generation; never more than the budget left, and ``[]``
+        once it is spent."""
+        if self.state.pending and self._generation_complete():
+            self._tell()  # a run killed between its last record and the tell
+        if self.done:
+            return []
+        if not self.state.pending:
+            self.optimizer.ask(self.state)
+            self.save()
+        todo = [c for c in self.state.pending if c.index not in self.results]
+        return todo[: self.max_evals - len(self.results)]
+
+    def record(self, result: Result) -> Result:
+        """Records a candidate's result; tells the optimizer once its generation is
+        complete.
+
+        A result that is not ``ok`` (failed, or a non-finite fitness) is recorded as
+        failed with no fitness; the penalty it is told is kept in
+        ``state.penalties``.
+
+        Raises:
+            ValueError: the candidate is not pending, or was recorded already.
+        """
+        pending = {c.index for c in self.state.pending}
+        if result.index in self.results:
+            raise ValueError(f"candidate {result.index} was recorded already")
+        if result.index not in pending:
+            raise ValueError(
+                f"candidate {result.index} is not pending (pending: {sorted(pending)})"
+            )
+        if not result.ok:
+            result.status, result.fitness = "failed", None
+            result.error = result.error or "no finite fitness"
+        if self.store is not None:
+            self.store.append(result)
+        self.results[result.index] = result
+        if self._generation_complete():
+            self._tell()
+        return result
+
+    def _generation_complete(self) -> bool:
+        return all(c.index in self.results for c in self.state.pending)
+
+    def _tell(self) -> None:
+        candidates = self.state.pending
+        generation = [self.results[c.index] for c in candidates]
+        fitness = told_fitness(generation, list(self.results.values()))
+        self.optimizer.tell(self.state, candidates, fitness)
+        for result, value in zip(generation, fitness, strict=True):
+            if not result.ok:
+                self.state.penalties[result.index] = value
+        self.state.generation += 1
+        self.state.pending = []
+        self.state.best = self.best
+        self.save()
+
+    # -- results ----------------------------------------------------------------------
+
+    @property
+    def best(self) -> Result | None:
+        """The best successful result so far (ties go to the earliest)."""
+        return best_result(list(self.results.values()))
+
+    def history(self) -> list[Result]:
+        """Every recorded result, in candidate order."""
+        return [self.results[i] for i in sorted(self.results)]
+
+    def save(self) -> None:
+        """Adds the time since the last save to ``state.wall_seconds`` and writes the
+        state (when there is a store)."""
+        now = time.perf_counter()
+        self.state.wall_seconds += now - self._clock
+        self._clock = now
+        if self.store is not None:
+            self.store.save_state(self.state)
+
+    def finish(self) -> None:
+        """Marks the search finished (its final outputs are written)."""
+        self.state.best = self.best
+        self.state.finished = True
+        self.save()
