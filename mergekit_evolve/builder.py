@@ -18,6 +18,8 @@ import logging
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +59,28 @@ class BuiltModel:
     in_memory: bool
 
 
+@contextmanager
+def seeded(seed: int | None) -> Iterator[None]:
+    """Seeds Python's, numpy's and torch's global generators as mergekit's
+    ``run_merge`` does (``transformers.set_seed``), and restores them afterwards so
+    the caller's random streams are untouched. No-op for None."""
+    if seed is None:
+        yield
+        return
+    import random
+
+    import numpy as np
+
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        transformers.trainer_utils.set_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
 class Builder:
     """Turns ``MergeConfiguration`` objects into loaded models.
 
@@ -70,6 +94,10 @@ class Builder:
         assembler: Optional post-build step with ``wrap(model) -> model`` and
             ``save(text_dir, out_dir)`` (a :class:`~mergekit_evolve.vlm.VlmAssembler`
             puts merged text decoders back into a vision-language model).
+        random_seed: Seed of randomized merge methods (DARE, DELLA, breadcrumbs),
+            set before every build and save exactly as ``mergekit-yaml
+            --random-seed`` sets it, so a scored candidate, ``final/`` and a rebuild
+            of ``best.yml`` have the same tensors. None: unseeded.
     """
 
     def __init__(
@@ -81,8 +109,10 @@ class Builder:
         trust_remote_code: bool = False,
         scratch_dir: str | None = None,
         assembler: Any | None = None,
+        random_seed: int | None = None,
     ) -> None:
         self.assembler = assembler
+        self.random_seed = random_seed
         self.dtype = dtype
         self.device = device
         self.in_memory = in_memory
@@ -96,6 +126,7 @@ class Builder:
             quiet=True,
             # Reading source tensors straight to the GPU saves a host copy per build.
             read_to_gpu=device.startswith("cuda"),
+            random_seed=random_seed,
         )
         LoaderCache().setup(options=self.options)
         self._tokenizer_path = tokenizer_path
@@ -136,7 +167,7 @@ class Builder:
             else Path(tempfile.mkdtemp(prefix="mergekit-evolve-", dir=self.scratch_dir))
         )
         try:
-            with candidate_failures(BuildError):
+            with candidate_failures(BuildError), seeded(self.random_seed):
                 run_merge(
                     config,
                     str(text_dir),
@@ -200,7 +231,10 @@ class Builder:
         written = set()
         storage = self.device if self.device.startswith("cuda") else "cpu"
         executor = Executor(targets, math_device=self.device, storage_device=storage)
-        with torch.no_grad():
+        # Seeded right before the merge runs, as run_merge does (allocating the model
+        # above draws random numbers too), so the masks of randomized methods match
+        # `mergekit-yaml --random-seed` exactly.
+        with torch.no_grad(), seeded(self.random_seed):
             for task, tensor in executor.run(quiet=True):
                 if not isinstance(task, ReturnTensor) or tensor is None:
                     continue
@@ -262,11 +296,12 @@ class Builder:
         ``union`` vocabulary, added tokens): the candidate must be scored with it."""
         tmp = Path(tempfile.mkdtemp(prefix="mergekit-evolve-", dir=self.scratch_dir))
         try:
-            run_merge(
-                config,
-                str(tmp),
-                options=self.options.model_copy(update={"copy_tokenizer": False}),
-            )
+            with seeded(self.random_seed):  # run_merge seeds; restore the caller's RNG
+                run_merge(
+                    config,
+                    str(tmp),
+                    options=self.options.model_copy(update={"copy_tokenizer": False}),
+                )
             model = transformers.AutoModelForCausalLM.from_pretrained(
                 str(tmp),
                 dtype=torch_dtype(self.dtype),

@@ -1,6 +1,7 @@
 """``mergekit-evolve CONFIG``: the command line.
 
-Exit status: 0 done, 2 bad input (config, paths, tasks, resume), 1 a run that failed.
+Exit status: 0 done, 2 bad input (config, paths, tasks, resume), 1 a run that failed,
+130 / 143 interrupted by SIGINT / SIGTERM (every finished candidate is recorded).
 Errors print as one line, ``TypeName: message``. Heavy libraries (torch, mergekit,
 lm-eval) are imported only once a run needs them, so ``--help``, ``--version`` and
 config errors answer at once.
@@ -16,6 +17,7 @@ import os
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import logging  # noqa: E402
+import signal  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
@@ -136,6 +138,16 @@ def _legacy(*names: str, **kwargs: Any):
     "--resume", is_flag=True, help="Continue the run in the output directory."
 )
 @click.option(
+    "--repair",
+    is_flag=True,
+    help="With --resume: move malformed history lines to history.rejected.jsonl.",
+)
+@click.option(
+    "--retry-failed",
+    is_flag=True,
+    help="With --resume: evaluate failed candidates again.",
+)
+@click.option(
     "--cuda/--no-cuda",
     default=None,
     help="Merge and evaluate on the GPU (overrides builder.cuda).",
@@ -169,6 +181,8 @@ def main(
     max_evals,
     seed,
     resume,
+    repair,
+    retry_failed,
     cuda,
     dry_run,
     no_progress,
@@ -178,6 +192,11 @@ def main(
     """Evolve a mergekit merge recipe as described by CONFIG (a YAML file: ours, or a
     config of mergekit's deprecated mergekit-evolve)."""
     configure_logging(verbose)
+    if (repair or retry_failed) and not resume:
+        click.echo("UsageError: --repair and --retry-failed go with --resume", err=True)
+        sys.exit(2)
+    where: dict[str, str] = {}  # the run directory, once known (for the resume hint)
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         flags = merge_flag_aliases(
             {"output": output, "max_evals": max_evals, "seed": seed, "cuda": cuda},
@@ -187,12 +206,24 @@ def main(
         _run(
             config,
             flags,
-            resume,
+            {"resume": resume, "repair": repair, "retry_failed": retry_failed},
             dry_run,
             not no_progress,
             task_search_path=legacy["task_search_path"],
             extra=extra,
+            where=where,
         )
+    except (KeyboardInterrupt, Terminated) as e:
+        status = 143 if isinstance(e, Terminated) else 130
+        if "output" not in where:
+            click.echo("interrupted", err=True)
+            sys.exit(status)
+        click.echo(
+            f"interrupted; resume with: mergekit-evolve {config} --output "
+            f"{where['output']} --resume",
+            err=True,
+        )
+        sys.exit(status)
     except (ConfigError, ResumeError) as e:
         message = str(e)
         if isinstance(e, ConfigError) and not message.startswith(str(config)):
@@ -204,14 +235,24 @@ def main(
         sys.exit(1)
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the run is (like KeyboardInterrupt for SIGINT), so that
+    finished candidates stay recorded and the run directory stays resumable."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
 def _run(
     config_path: Path,
     flags: dict[str, Any],
-    resume: bool,
+    run_options: dict[str, bool],
     dry_run: bool,
     progress: bool,
     task_search_path=(),
     extra: dict[str, Any] | None = None,
+    where: dict[str, str] | None = None,
 ) -> None:
     from .loading import load_config
 
@@ -246,7 +287,9 @@ def _run(
     if dry_run:
         _print_dry_run(config, evolution)
         return
-    summary = evolution.run(resume=resume)
+    if where is not None:
+        where["output"] = config.output.dir
+    summary = evolution.run(**run_options)
     click.echo(
         f"best fitness {summary['fitness']['best']:.4f} after "
         f"{summary['evaluations']} candidates; results in {config.output.dir}"
@@ -273,5 +316,6 @@ def _print_dry_run(config, evolution) -> None:
             f"population {report.population}; budget "
             f"{stage_config.optimizer.max_evals} candidates"
         )
+        click.echo(f"{prefix}preflight: {report.preflight}")
         click.echo(f"{prefix}first candidate (mergekit YAML):")
         click.echo(report.first_candidate_yaml.rstrip())

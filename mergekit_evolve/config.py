@@ -7,6 +7,7 @@ reported as one :class:`~mergekit_evolve.errors.ConfigError` line naming the fie
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -19,12 +20,13 @@ from pydantic import (
 )
 
 from .errors import ConfigError
-from .sources import ModelSpec, SourcesConfig
+from .sources import SourcesConfig
 from .spaces.dataflow import DataflowSpaceConfig
 from .spaces.param import ParameterSpaceConfig
 from .spaces.template import TemplateSpaceConfig
 from .strict import (
     DType,
+    Seed,
     StrictModel,
     content_hash,
     format_validation_error,
@@ -37,7 +39,7 @@ class ToyZooConfig(StrictModel):
     """Build the toy model zoo into ``dir`` before the run when it is missing."""
 
     dir: str
-    seed: int = 0
+    seed: Seed = 0
 
     @field_validator("dir")
     @classmethod
@@ -63,7 +65,7 @@ class OptimizerConfig(StrictModel):
     sigma0: float = Field(default=1 / 6, gt=0, le=1)
     x0: float = Field(default=0.5, ge=0, le=1)
     max_evals: int = Field(default=100, ge=1)
-    seed: int = Field(default=0, ge=0)
+    seed: Seed = 0
 
 
 class TaskSpec(StrictModel):
@@ -110,7 +112,7 @@ class EvalSuiteConfig(StrictModel):
     tasks: list[TaskSpec] = Field(default_factory=list)
     limit: int | None = Field(default=None, ge=1)
     subsample: int | None = Field(default=None, ge=1)
-    subsample_seed: int = 0
+    subsample_seed: Seed = 0
     num_fewshot: int | None = Field(default=None, ge=0)
     gen_kwargs: dict[str, Any] = Field(default_factory=dict)
     batch_size: int = Field(default=32, ge=1)
@@ -174,11 +176,16 @@ class BuilderConfig(StrictModel):
             the merge changes the vocabulary) write each candidate to a temporary
             directory that is removed afterwards.
         dtype: Dtype of the candidate (default: ``sources.dtype``).
+        random_seed: Seed of randomized merge methods (DARE, DELLA, breadcrumbs),
+            set before every build as ``mergekit-yaml --random-seed`` sets it, so the
+            scored candidate, ``final/`` and a rebuild of ``best.yml`` are the same
+            model (default: ``optimizer.seed``).
     """
 
     cuda: bool = False
     in_memory: bool = True
     dtype: DType | None = None
+    random_seed: Seed | None = None
 
 
 class RunnerConfig(StrictModel):
@@ -189,12 +196,24 @@ class RunnerConfig(StrictModel):
         workers: Ray workers (each owns a GPU with ``builder.cuda``, else CPUs).
         address: Address of an existing Ray cluster (default: start a local one).
         cpus_per_worker: CPUs per Ray worker.
+        threads: Torch threads of each worker (default: 1 for the serial runner,
+            ``cpus_per_worker`` for Ray). More threads than free cores make every
+            candidate slower, many times so on a shared machine.
+        oversubscribe: Allow a local Ray with more CPUs than this machine has.
     """
 
     type: Literal["serial", "ray"] = "serial"
     workers: int = Field(default=1, ge=1)
     address: str | None = None
     cpus_per_worker: float = Field(default=1, gt=0)
+    threads: int | None = Field(default=None, ge=1)
+    oversubscribe: bool = False
+
+    def torch_threads(self) -> int:
+        """The torch threads each worker uses."""
+        if self.threads is not None:
+            return self.threads
+        return 1 if self.type == "serial" else max(1, int(self.cpus_per_worker))
 
     @model_validator(mode="after")
     def _check(self) -> RunnerConfig:
@@ -208,8 +227,17 @@ class RunnerConfig(StrictModel):
             raise ValueError("address: a Ray cluster address needs type: ray")
         if self.address is not None and not self.address.strip():
             raise ValueError(
-                "address: expected a Ray address such as 'auto' or 'ray://host:10001', got ''"
+                "address: expected a Ray address such as 'auto' or "
+                "'ray://host:10001', got ''"
             )
+        cpus, cores = self.workers * self.cpus_per_worker, os.cpu_count() or 1
+        if self.type == "ray" and self.address is None and cpus > cores:
+            if not self.oversubscribe:
+                raise ValueError(
+                    f"workers: {self.workers} workers x {self.cpus_per_worker:g} CPUs "
+                    f"need {cpus:g} cores, this machine has {cores} (lower workers, "
+                    "or set oversubscribe: true)"
+                )
         return self
 
 
@@ -338,9 +366,30 @@ class RunConfig(StrictModel):
     runner: RunnerConfig = Field(default_factory=RunnerConfig)
     output: OutputConfig
 
+    @model_validator(mode="after")
+    def _budget(self) -> RunConfig:
+        population = self.optimizer.population
+        if population is not None and population > self.optimizer.max_evals:
+            raise ValueError(
+                f"optimizer.population: {population} candidates per generation but "
+                f"max_evals is {self.optimizer.max_evals}: no generation would "
+                "complete, so CMA-ES would never learn (raise max_evals or lower "
+                "population)"
+            )
+        return self
+
     @property
     def dtype(self) -> str:
         return self.builder.dtype or self.sources.dtype
+
+    @property
+    def merge_seed(self) -> int:
+        """The seed of every merge (``builder.random_seed``, else the optimizer's)."""
+        return (
+            self.builder.random_seed
+            if self.builder.random_seed is not None
+            else self.optimizer.seed
+        )
 
     @property
     def device(self) -> str:

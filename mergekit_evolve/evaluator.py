@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from .config import EvalSuiteConfig
-from .errors import EvalError, candidate_failures
+from .errors import ConfigError, EvalError, candidate_failures
 from .objective import Metrics
 from .tasks import task_manager_for
 
@@ -58,6 +58,11 @@ class Evaluator:
         suite: The tasks and their settings.
         task_dirs: Extra task folders (the project's ``evals/`` is always included).
         multimodal: Use lm-eval's ``hf-multimodal`` model type (VLM candidates).
+        field: The config field of the suite, named in errors (``fitness.tasks``).
+
+    Raises:
+        ConfigError: a task cannot be found or loaded (its data file is missing, a
+            ``!function`` names nothing...).
     """
 
     def __init__(
@@ -65,12 +70,22 @@ class Evaluator:
         suite: EvalSuiteConfig,
         task_dirs: list[str] | tuple[str, ...] = (),
         multimodal: bool = False,
+        field: str = "tasks",
     ) -> None:
         self.suite = suite
         self.multimodal = multimodal
         names = [t.task for t in suite.tasks]
         manager = task_manager_for(names, task_dirs)
-        self.task_dict = manager.load(names)
+        try:
+            self.task_dict = manager.load(names)
+        except Exception as e:  # noqa: BLE001 - a task's own YAML, data or code
+            # lm-eval raises whatever the task's files cause (FileNotFoundError,
+            # AttributeError from a !function naming nothing, ValueError...): all
+            # are problems of the input, found before any candidate runs.
+            raise ConfigError(
+                f"{field}: lm-eval cannot load {names}: {type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}"
+            ) from None
         self._configure_tasks()
         self.samples = self._subsample() if suite.subsample else None
         self._lm = None
@@ -128,8 +143,14 @@ class Evaluator:
             pretrained=model, tokenizer=tokenizer, batch_size=self.suite.batch_size
         )
 
-    def evaluate(self, model: Any, tokenizer: Any) -> Scored:
+    def evaluate(self, model: Any, tokenizer: Any, limit: int | None = None) -> Scored:
         """Scores ``model`` on every task of the suite.
+
+        Args:
+            model: The model.
+            tokenizer: Its tokenizer.
+            limit: Score only the first ``limit`` documents of each task (preflight),
+                instead of the suite's own ``limit`` / ``subsample``.
 
         Returns:
             ``{task: {"metric,filter": value}}`` with numeric entries only, and seconds.
@@ -144,8 +165,8 @@ class Evaluator:
             output = evaluate(
                 lm=self._wrapper(model, tokenizer),
                 task_dict=self.task_dict,
-                limit=self.suite.limit,
-                samples=self.samples,
+                limit=limit if limit is not None else self.suite.limit,
+                samples=None if limit is not None else self.samples,
                 bootstrap_iters=0,
                 log_samples=False,
                 apply_chat_template=self.suite.apply_chat_template,

@@ -353,8 +353,13 @@ class HybridEvolution:
         )
         return [*stages, (DFS_DIR, self.dfs_evolution.dry_run())]
 
-    def run(self, resume: bool = False) -> dict[str, Any]:
+    def run(
+        self, resume: bool = False, repair: bool = False, retry_failed: bool = False
+    ) -> dict[str, Any]:
         """Runs (or resumes) both stages and writes the top-level summary.
+
+        ``repair`` and ``retry_failed`` apply to the stage that is resumed (see
+        :meth:`Evolution.run`).
 
         Returns:
             The summary (also written to ``summary.json``).
@@ -364,12 +369,25 @@ class HybridEvolution:
             ResumeError: nothing to resume, another config, or a PS stage asked to go
                 on after its DFS stage started.
         """
-        run_dir, dfs_dir = self.run_dir, self.run_dir / DFS_DIR
+        run_dir = self.run_dir
+        top = RunDir(run_dir)
         if not resume:
-            RunDir(run_dir).create()
+            top.create()
         elif not (run_dir / CONFIG_FILE).is_file():
             raise ResumeError(f"{run_dir}: nothing to resume ({CONFIG_FILE} not found)")
-        RunDir(run_dir).write_config(self.config)
+        else:
+            top.lock()
+        try:
+            return self._run_stages(top, resume, repair, retry_failed)
+        finally:
+            top.unlock()
+
+    def _run_stages(
+        self, top: RunDir, resume: bool, repair: bool, retry_failed: bool
+    ) -> dict[str, Any]:
+        run_dir, dfs_dir = self.run_dir, self.run_dir / DFS_DIR
+        again = {"repair": repair, "retry_failed": retry_failed}
+        top.write_config(self.config)
         dfs_started = (dfs_dir / STATE_FILE).is_file()
         if self.ps_evolution is not None:
             ps_dir = run_dir / PS_DIR
@@ -380,7 +398,10 @@ class HybridEvolution:
                         "cannot go on (a larger PS budget?) without changing that model; use a new --output"
                     )
                 logger.info("hybrid: PS stage in %s", ps_dir)
-                self.ps_evolution.run(resume=(ps_dir / STATE_FILE).is_file())
+                ps_started = (ps_dir / STATE_FILE).is_file()
+                self.ps_evolution.run(
+                    resume=ps_started, **(again if ps_started else {})
+                )
         elif not (self.ps_path / "config.json").is_file():
             self._materialize(self.ps_best_file, self.ps_path)
         if not (self.ps_path / "config.json").is_file():
@@ -390,7 +411,7 @@ class HybridEvolution:
             logger.info("hybrid: DFS stage in %s", dfs_dir)
             # Rebuilt now that the PS model exists: its real config.json, not the plan.
             self.dfs_evolution = self._make_dfs_evolution(planned={})
-            self.dfs_evolution.run(resume=dfs_started)
+            self.dfs_evolution.run(resume=dfs_started, **(again if dfs_started else {}))
         summary = self._summarize()
         best = (
             dfs_dir / BEST_FILE if summary["selected"] == DFS_DIR else self.ps_best_file

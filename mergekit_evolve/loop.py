@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import shutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,7 +21,9 @@ from . import objective, report
 from .builder import Builder
 from .config import RunConfig
 from .errors import MergekitEvolveError
+from .evaluator import Evaluator
 from .optimizer import Optimizer, make_optimizer
+from .preflight import check_candidate, check_sources
 from .prepare import PreparedRun, prepare_run
 from .rundir import BEST_FILE, FINAL_DIR, PLOT_FILE, SUMMARY_FILE, RunDir
 from .runners import make_runner
@@ -28,9 +31,20 @@ from .sources import SourceSet
 from .spaces import SearchSpace
 from .state import RunState
 from .study import Study
-from .worker import make_worker
+from .worker import Worker, make_worker
 
 logger = logging.getLogger(__name__)
+
+
+def rebuild_command(merge_seed: int) -> str:
+    """The mergekit command that rebuilds a run's best model from ``best.yml``."""
+    return f"mergekit-yaml best.yml OUT --random-seed {merge_seed}"
+
+
+def rebuild_header(merge_seed: int) -> str:
+    """The comment line that opens ``best.yml``: how to rebuild the scored model
+    (randomized methods draw their masks from this seed)."""
+    return f"# rebuild: {rebuild_command(merge_seed)}\n"
 
 
 @dataclass
@@ -41,6 +55,7 @@ class DryRun:
     gene_names: list[str]
     population: int
     first_candidate_yaml: str
+    preflight: str = "not run"
 
 
 class Evolution:
@@ -79,6 +94,7 @@ class Evolution:
             config.optimizer, self.space.dim, self.space.x0(config.optimizer.x0)
         )
         self._runner_stats: Any = None
+        self._heldout_eval: Evaluator | None = None
 
     @property
     def sources(self) -> SourceSet:
@@ -91,39 +107,91 @@ class Evolution:
     # -- dry run --------------------------------------------------------------------
 
     def dry_run(self) -> DryRun:
-        """The search dimension and the first candidate's mergekit YAML; builds nothing."""
+        """The search dimension and the first candidate's mergekit YAML, after the
+        preflight checks when every source exists (models a run would build first,
+        such as the toy zoo, cannot be checked yet); writes nothing.
+
+        Raises:
+            ConfigError: a preflight check failed.
+        """
         state = RunState(config_hash=self.config.config_hash())
         self.optimizer.start(state)
         first = np.asarray(self.optimizer.ask(state)[0].genome, dtype=float)
         recipe = self.space.recipe_yaml(first, self.space.decode(first))
+        if all(Path(m.path).is_dir() for m in self.sources.models):
+            self.preflight(make_worker(self.config, self.sources, self.space))
+            preflight = "passed"
+        else:
+            preflight = "skipped (source models not built yet)"
         return DryRun(
-            self.space.dim, self.space.gene_names(), len(state.pending), recipe
+            self.space.dim,
+            self.space.gene_names(),
+            len(state.pending),
+            recipe,
+            preflight,
         )
 
     # -- the search -----------------------------------------------------------------
 
-    def run(self, resume: bool = False) -> dict[str, Any]:
+    def preflight(self, worker: Worker) -> None:
+        """Checks the sources and scores the first candidate on a few documents of
+        every task (:mod:`.preflight`); nothing is written.
+
+        Raises:
+            ConfigError: naming the config field at fault.
+        """
+        check_sources(self.prepared)
+        check_candidate(self.prepared, worker, self._heldout_evaluator())
+
+    def _heldout_evaluator(self) -> Evaluator | None:
+        if self._heldout_eval is None and self.config.heldout.tasks:
+            self._heldout_eval = self.prepared.make_evaluator(self.config.heldout)
+        return self._heldout_eval
+
+    def run(
+        self, resume: bool = False, repair: bool = False, retry_failed: bool = False
+    ) -> dict[str, Any]:
         """Runs (or resumes) the search and writes the run directory.
+
+        Args:
+            resume: Continue the run in ``output.dir``.
+            repair: On resume, move malformed history lines aside first.
+            retry_failed: On resume, evaluate failed candidates again.
 
         Returns:
             The summary (also written to ``summary.json``).
 
         Raises:
+            ConfigError: a mistake found before the search (preflight), or the run
+                directory holds a run and ``resume`` is off, or is in use.
             ResumeError: ``resume`` with no resumable state or with another config.
-            ConfigError: the run directory holds a run and ``resume`` is off.
-            MergekitEvolveError: every candidate failed.
+            MergekitEvolveError: every candidate of a generation failed.
         """
-        if not resume:
+        # Everything that can fail on a mistake runs before the directory exists.
+        worker = make_worker(self.config, self.sources, self.space)
+        self.preflight(worker)
+        if resume:
+            self.run_dir.lock()
+        else:
             self.run_dir.create()
+        try:
+            return self._search(worker, resume, repair, retry_failed)
+        finally:
+            self.run_dir.unlock()
+
+    def _search(
+        self, worker: Worker, resume: bool, repair: bool, retry_failed: bool
+    ) -> dict[str, Any]:
         study = Study(
             self.optimizer,
             self.config.config_hash(),
             self.config.optimizer.max_evals,
             store=self.run_dir,
             resume=resume,
+            repair=repair,
+            retry_failed=retry_failed,
         )
         self.run_dir.write_config(self.config)
-        worker = make_worker(self.config, self.sources, self.space)
         runner = make_runner(self.config, self.sources, worker)
         self._runner_stats = getattr(runner, "stats", None)
         bar = tqdm(
@@ -136,11 +204,15 @@ class Evolution:
         )
         self._show_best(bar, study)
         with runner, bar:
-            while not study.done:
+            while not study.done or study.retry:
                 for result in runner.evaluate(study.ask()):
+                    generation = study.state.generation
+                    retried = any(c.index == result.index for c in study.retry)
                     study.record(result)
-                    bar.update(1)
+                    bar.update(0 if retried else 1)
                     self._show_best(bar, study)
+                    if study.state.generation > generation:
+                        _stop_if_all_failed(study, generation)
         summary = self._finish(study, worker.builder)
         study.finish()
         return summary
@@ -169,7 +241,10 @@ class Evolution:
         best_yaml = self.space.recipe_yaml(
             np.asarray(best.genome, dtype=float), best_config
         )
-        (self.run_dir / BEST_FILE).write_text(best_yaml, encoding="utf-8")
+        (self.run_dir / BEST_FILE).write_text(
+            rebuild_header(self.config.merge_seed) + best_yaml.rstrip("\n") + "\n",
+            encoding="utf-8",
+        )
         heldout = self._heldout(best_config, builder)
         if self.config.output.save_final:
             final = self.run_dir / FINAL_DIR
@@ -186,6 +261,8 @@ class Evolution:
             heldout,
             wall_seconds=study.state.wall_seconds,
         )
+        summary["merge_seed"] = self.config.merge_seed
+        summary["rebuild"] = rebuild_command(self.config.merge_seed)
         if self._runner_stats is not None:
             summary["runner"] = self._runner_stats()
         report.write_summary(summary, self.run_dir / SUMMARY_FILE)
@@ -196,7 +273,7 @@ class Evolution:
         suite = self.config.heldout
         if not suite.tasks:
             return {}
-        evaluator = self.prepared.make_evaluator(suite)
+        evaluator = self._heldout_evaluator()
 
         def score(built) -> dict[str, float]:
             metrics = evaluator.evaluate(built.model, built.tokenizer).metrics
@@ -213,3 +290,20 @@ class Evolution:
                 for name, cfg in self.space.baselines().items()
             }
         return out
+
+
+def _stop_if_all_failed(study: Study, generation: int) -> None:
+    """Stops a run whose every candidate of a generation failed: the cause is
+    almost never the genomes, and the rest of the budget would fail the same way.
+
+    Raises:
+        MergekitEvolveError: with the first error and how to go on.
+    """
+    results = [r for r in study.results.values() if r.generation == generation]
+    if results and not any(r.ok for r in results):
+        first = min(results, key=lambda r: r.index)
+        raise MergekitEvolveError(
+            f"every candidate of generation {generation} failed ({len(results)}); "
+            f"the first: {first.error}. Results so far are saved; fix the cause, "
+            "then continue with --resume --retry-failed"
+        )

@@ -34,12 +34,15 @@ def fitness(metrics: Metrics, specs: Sequence[TaskSpec]) -> float:
     Scores of ``higher_is_better: false`` tasks enter negated: this is the one place
     where the direction of a metric is handled, so the optimizer always maximizes.
     """
-    total = sum(s.weight for s in specs)
+    # Weights are scaled by the largest first: 1e308 + 1e308 would overflow to inf
+    # and turn every fitness into 0.
+    largest = max(s.weight for s in specs)
+    weights = [s.weight / largest for s in specs]
     value = 0.0
-    for spec in specs:
+    for spec, weight in zip(specs, weights, strict=True):
         score = task_score(metrics, spec)
-        value += spec.weight * (score if spec.higher_is_better else -score)
-    return value / total
+        value += weight * (score if spec.higher_is_better else -score)
+    return value / sum(weights)
 
 
 def scores(metrics: Metrics, specs: Sequence[TaskSpec]) -> dict[str, float]:

@@ -125,9 +125,16 @@ def make_builder(config: RunConfig, sources: SourceSet) -> Builder:
         tokenizer_path=sources.tokenizer_path,
         trust_remote_code=config.sources.trust_remote_code,
         assembler=assembler,
+        random_seed=config.merge_seed,
     )
 
 
 def make_evaluator(config: RunConfig, suite: EvalSuiteConfig) -> Evaluator:
     """An evaluator for one suite of the config (its fitness or held-out tasks)."""
-    return Evaluator(suite, config.fitness.task_dirs, multimodal=config.vlm is not None)
+    field = "fitness.tasks" if suite is config.fitness else "heldout.tasks"
+    return Evaluator(
+        suite,
+        config.fitness.task_dirs,
+        multimodal=config.vlm is not None,
+        field=field,
+    )

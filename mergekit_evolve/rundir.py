@@ -12,20 +12,29 @@ way every file in it is written (atomically).
 
 from __future__ import annotations
 
+import fcntl
 import json
+import logging
 import os
 import pickle
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .errors import ConfigError, ResumeError
+from .errors import ConfigError, MergekitEvolveError, ResumeError
 from .state import Result, RunState
+
+logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.yml"
 STATE_FILE = "state.pkl"
 HISTORY_FILE = "history.jsonl"
+REJECTED_FILE = "history.rejected.jsonl"
+LOCK_FILE = ".lock"
 BEST_FILE = "best.yml"
 SUMMARY_FILE = "summary.json"
 PLOT_FILE = "fitness.png"
@@ -38,11 +47,15 @@ def atomic_write(path: str | Path, data: bytes | str) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     blob = data.encode("utf-8") if isinstance(data, str) else data
-    with open(tmp, "wb") as f:
-        f.write(blob)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with _writing(path):
+        try:
+            with open(tmp, "wb") as f:
+                f.write(blob)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def write_json(path: str | Path, data: Any) -> None:
@@ -50,37 +63,135 @@ def write_json(path: str | Path, data: Any) -> None:
     atomic_write(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
+class HistoryError(ResumeError):
+    """``history.jsonl`` holds lines that are not results (corruption, a hand edit)."""
+
+
+@dataclass
+class HistoryRead:
+    """What reading ``history.jsonl`` found.
+
+    Attributes:
+        results: Every good record, in file order.
+        bad_lines: ``(line number, text)`` of each line that is not a result.
+        torn: A last line cut short by a kill (no final newline) was dropped.
+    """
+
+    results: list[Result] = field(default_factory=list)
+    bad_lines: list[tuple[int, str]] = field(default_factory=list)
+    torn: bool = False
+
+
 class History:
-    """The append-only ``history.jsonl`` of a run directory."""
+    """The append-only ``history.jsonl`` of a run directory: the source of truth.
+
+    Reading never drops a record silently. Only a torn last line (a kill while it
+    was written) is dropped, with a log line; any other line that is not a result
+    stops a resume until :meth:`repair` moves it aside.
+    """
 
     def __init__(self, run_dir: str | Path) -> None:
         self.path = Path(run_dir) / HISTORY_FILE
+        self.rejected_path = Path(run_dir) / REJECTED_FILE
 
     def append(self, result: Result) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(result.to_json() + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        with _writing(self.path):
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(result.to_json() + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+
+    def scan(self) -> HistoryRead:
+        """Every line, sorted into good records and bad lines (nothing changes)."""
+        found = HistoryRead()
+        if not self.path.is_file():
+            return found
+        with open(self.path, "rb") as f:
+            lines = f.readlines()
+        for number, raw in enumerate(lines, start=1):
+            if not raw.endswith(b"\n") and number == len(lines):
+                found.torn = True
+                break
+            try:
+                found.results.append(Result.from_json(raw.decode("utf-8")))
+            except (ValueError, TypeError, UnicodeDecodeError):
+                text = raw.decode("utf-8", errors="replace").rstrip("\n")
+                found.bad_lines.append((number, text))
+        return found
 
     def read(self) -> list[Result]:
-        """Every complete line; a line cut short by a kill is dropped (and truncated away
-        so the next append starts on a fresh line)."""
-        if not self.path.is_file():
-            return []
-        results, good_bytes = [], 0
-        with open(self.path, "rb") as f:
-            for raw in f:
-                if not raw.endswith(b"\n"):
-                    break
-                try:
-                    results.append(Result.from_json(raw.decode("utf-8")))
-                except (json.JSONDecodeError, TypeError, UnicodeDecodeError):
-                    break
-                good_bytes += len(raw)
-        if good_bytes != self.path.stat().st_size:
-            with open(self.path, "r+b") as f:
-                f.truncate(good_bytes)
-        return results
+        """Every record, for resuming and reports.
+
+        A torn last line is dropped (and truncated away, so the next append starts
+        on a fresh line), with a warning.
+
+        Raises:
+            HistoryError: a line that is not a result, naming its line number.
+        """
+        found = self.scan()
+        if found.bad_lines:
+            number, text = found.bad_lines[0]
+            more = len(found.bad_lines) - 1
+            raise HistoryError(
+                f"{self.path} line {number} is not a result ({_clip(text)!r})"
+                + (f", and {more} more bad line{'s' * (more > 1)}" if more else "")
+                + "; nothing was changed. Resume with --repair to move bad lines to "
+                f"{self.rejected_path.name} and keep every good record"
+            )
+        if found.torn:
+            logger.warning(
+                "%s: dropped its last line, cut short when the run was killed",
+                self.path,
+            )
+            self._rewrite(found.results)
+        return found.results
+
+    def repair(self) -> HistoryRead:
+        """Moves bad lines (and a torn last line) to ``history.rejected.jsonl`` and
+        rewrites the history with every good record, atomically."""
+        found = self.scan()
+        if not found.bad_lines and not found.torn:
+            return found
+        with open(self.rejected_path, "a", encoding="utf-8") as f:
+            for number, text in found.bad_lines:
+                f.write(json.dumps({"line": number, "text": text}) + "\n")
+        self._rewrite(found.results)
+        logger.warning(
+            "%s: moved %d bad line(s) to %s; %d records kept",
+            self.path,
+            len(found.bad_lines) + int(found.torn),
+            self.rejected_path.name,
+            len(found.results),
+        )
+        return found
+
+    def _rewrite(self, results: list[Result]) -> None:
+        atomic_write(self.path, "".join(r.to_json() + "\n" for r in results))
+
+
+def _clip(text: str, width: int = 60) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+@contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """Turns a failed write (disk full, permissions) into one line that says what
+    is safe: the run resumes from what was written before."""
+    try:
+        yield
+    except OSError as e:
+        raise RunDirError(
+            f"cannot write {path}: {e.strerror or e}; what was saved before is "
+            "intact, resume with --resume once the cause is fixed"
+        ) from None
+
+
+class RunDirError(MergekitEvolveError):
+    """A file of the run directory could not be written."""
+
+
+class StateUnreadableError(ResumeError):
+    """``state.pkl`` is missing or cannot be read (it can be rebuilt from history)."""
 
 
 class RunDir:
@@ -93,6 +204,7 @@ class RunDir:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.history = History(self.path)
+        self._lock: Any = None
 
     def __truediv__(self, name: str) -> Path:
         return self.path / name
@@ -101,18 +213,61 @@ class RunDir:
     def has_state(self) -> bool:
         return (self.path / STATE_FILE).is_file()
 
-    def create(self) -> None:
-        """Makes the directory for a new run.
+    # -- opening ----------------------------------------------------------------------
+
+    def lock(self) -> None:
+        """Holds an OS lock on the directory until :meth:`unlock` or the process
+        ends (a killed run never leaves a stale lock: the OS releases it).
 
         Raises:
-            ConfigError: it exists and holds files (a run is never overwritten).
+            ConfigError: another process holds it (its PID is named), or the
+                directory cannot be created.
         """
-        if self.path.exists() and any(self.path.iterdir()):
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            handle = open(self.path / LOCK_FILE, "a+", encoding="utf-8")  # noqa: SIM115
+        except OSError as e:
+            raise ConfigError(
+                f"output.dir: cannot create {self.path}: {e.strerror or e}"
+            ) from None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "?"
+            handle.close()
+            raise ConfigError(
+                f"output.dir: {self.path} is in use by another mergekit-evolve "
+                f"process (PID {holder}); wait for it, or choose another --output"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self._lock = handle
+
+    def unlock(self) -> None:
+        if self._lock is not None:
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+            self._lock.close()
+            self._lock = None
+
+    def create(self) -> None:
+        """Makes (and locks) the directory for a new run.
+
+        Raises:
+            ConfigError: it holds files already (a run is never overwritten), is in
+                use by another process, or cannot be created.
+        """
+        if self.path.exists() and not self.path.is_dir():
+            raise ConfigError(f"output.dir: {self.path} is a file, not a directory")
+        self.lock()
+        if any(p.name != LOCK_FILE for p in self.path.iterdir()):
+            self.unlock()
             raise ConfigError(
                 f"output.dir: {self.path} already holds files; pass --resume to "
                 "continue that run, or choose another --output"
             )
-        self.path.mkdir(parents=True, exist_ok=True)
 
     def write_config(self, config: Any) -> None:
         """Saves the validated run config as ``config.yml``."""
@@ -132,21 +287,46 @@ class RunDir:
         """The run's state.
 
         Raises:
-            ResumeError: no state file, or it belongs to a different config.
+            ResumeError: nothing to resume here, or the state belongs to another
+                config, or the history next to it is missing.
+            StateUnreadableError: the state file is missing or unreadable while
+                the history exists (the caller can rebuild it from the history).
         """
         path = self.path / STATE_FILE
+        history = self.history.path.is_file()
         if not path.is_file():
+            if history:
+                raise StateUnreadableError(f"{path} is missing")
             raise ResumeError(
                 f"{self.path}: nothing to resume ({STATE_FILE} not found)"
             )
-        with open(path, "rb") as f:
-            state: RunState = pickle.load(f)  # our own file, written by save_state
+        if not history:
+            raise ResumeError(
+                f"{self.path}: {STATE_FILE} is there but {HISTORY_FILE} is missing; "
+                "the results it recorded cannot be recovered from the state alone "
+                "(restore the file, or start a new run with another --output)"
+            )
+        try:
+            with open(path, "rb") as f:
+                state: RunState = pickle.load(f)  # our own file, written by save_state
+        except Exception as e:  # noqa: BLE001 - any unpickling failure means unreadable
+            raise StateUnreadableError(
+                f"{path} is unreadable ({type(e).__name__})"
+            ) from None
+        if not isinstance(state, RunState):
+            raise StateUnreadableError(f"{path} holds no run state")
         if state.config_hash != config_hash:
             raise ResumeError(
                 f"{self.path}: the run was started with a different config (hash "
                 f"{state.config_hash}, now {config_hash}); use a new --output directory"
             )
         return state
+
+    def start_history(self) -> None:
+        """Creates the empty history of a new search: from then on a missing
+        history next to a state means records were lost, and is refused."""
+        with _writing(self.history.path):
+            self.history.path.touch()
 
     def append(self, result: Result) -> None:
         self.history.append(result)

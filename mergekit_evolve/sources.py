@@ -165,8 +165,13 @@ def read_model_info(name: str, path: str) -> ModelInfo:
         )
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"model {name!r}: cannot read {config_file}: {e}") from e
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model {name!r}: cannot read {config_file}: {e}") from None
+    if not isinstance(config, dict):
+        raise ConfigError(
+            f"model {name!r}: {config_file} holds a {type(config).__name__}, "
+            "expected a JSON object (a transformers model config)"
+        )
     return ModelInfo(name=name, path=str(path), config=config)
 
 

@@ -9,11 +9,12 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Field,
     ValidationError,
     ValidationInfo,
     model_validator,
@@ -21,6 +22,8 @@ from pydantic import (
 
 DType = Literal["float32", "float16", "bfloat16"]
 DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
+# numpy's and torch's seeding accept 0 .. 2**32 - 1; a larger seed fails deep inside.
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
 
 # "org/name": what a model on the Hugging Face hub looks like (and what a local path
 # usually does not: those start with ".", "/" or "~", or have more parts).
@@ -28,9 +31,10 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 class StrictModel(BaseModel):
-    """Base of every config block: immutable, and unknown keys are errors."""
+    """Base of every config block: immutable, unknown keys are errors, and so are
+    infinities and NaN (``weight: [0, .inf]`` would break every candidate)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class Bounds(StrictModel):

@@ -18,8 +18,9 @@ import logging
 import time
 from collections.abc import Sequence
 
+from .errors import ResumeError
 from .optimizer import Optimizer
-from .rundir import RunDir
+from .rundir import STATE_FILE, RunDir, StateUnreadableError
 from .state import Candidate, Result, RunState
 
 logger = logging.getLogger(__name__)
@@ -44,6 +45,20 @@ def told_fitness(generation: Sequence[Result], known: Sequence[Result]) -> list[
     return [r.fitness if r.ok else penalty for r in generation]
 
 
+def _latest(results: Sequence[Result]) -> dict[int, Result]:
+    """Results by index; a candidate retried after failing keeps its newest line."""
+    out: dict[int, Result] = {}
+    for result in results:
+        earlier = out.get(result.index)
+        if earlier is not None and earlier.ok:
+            raise ResumeError(
+                f"candidate {result.index} is recorded twice with a result; two runs "
+                "wrote to one directory? (resume with --repair does not fix this)"
+            )
+        out[result.index] = result
+    return out
+
+
 def best_result(results: Sequence[Result]) -> Result | None:
     """Highest fitness among successful results; ties go to the earliest."""
     ok = [r for r in results if r.ok]
@@ -58,7 +73,10 @@ class Study:
         config_hash: What identifies this search (resuming under another is refused).
         max_evals: Budget: results to record in all.
         store: Where state and results are kept (None: in memory only).
-        resume: Continue the search saved in ``store``.
+        resume: Continue the search saved in ``store``. A missing or unreadable
+            state file is rebuilt from the history (:meth:`_replay`).
+        repair: On resume, first move malformed history lines aside.
+        retry_failed: On resume, evaluate failed candidates again.
 
     Raises:
         ResumeError: ``resume`` with nothing (or another search) in ``store``.
@@ -71,23 +89,37 @@ class Study:
         max_evals: int,
         store: RunDir | None = None,
         resume: bool = False,
+        repair: bool = False,
+        retry_failed: bool = False,
     ) -> None:
         self.optimizer = optimizer
         self.max_evals = max_evals
         self.store = store
         self._clock = time.perf_counter()
         self.results: dict[int, Result] = {}
+        # Failed candidates of generations told already, to evaluate again.
+        self.retry: list[Candidate] = []
         if resume:
             if store is None:
                 raise ValueError("resume needs a store")
-            self.state = store.load_state(config_hash)
-            self.results = {r.index: r for r in store.results()}
+            if repair:
+                store.history.repair()
+            self.results = _latest(store.results())
+            try:
+                self.state = store.load_state(config_hash)
+            except StateUnreadableError as e:
+                logger.warning("%s; rebuilding it from the history", e)
+                self.state = self._replay(config_hash)
             logger.info(
                 "resumed with %d results from %s", len(self.results), store.path
             )
+            if retry_failed:
+                self._queue_retries()
         else:
             self.state = RunState(config_hash=config_hash)
             self.optimizer.start(self.state)
+            if store is not None:
+                store.start_history()
             self.save()
 
     # -- ask / record / tell ----------------------------------------------------------
@@ -98,9 +130,11 @@ class Study:
         return len(self.results) >= self.max_evals
 
     def ask(self) -> list[Candidate]:
-        """The candidates to evaluate next: the unrecorded ones of the current
-        generation, or a new generation; never more than the budget left, and ``[]``
-        once it is spent."""
+        """The candidates to evaluate next: failed ones queued for a retry, else the
+        unrecorded ones of the current generation, or a new generation; never more
+        than the budget left, and ``[]`` once it is spent."""
+        if self.retry:
+            return list(self.retry)
         if self.state.pending and self._generation_complete():
             self._tell()  # a run killed between its last record and the tell
         if self.done:
@@ -123,9 +157,10 @@ class Study:
             ValueError: the candidate is not pending, or was recorded already.
         """
         pending = {c.index for c in self.state.pending}
-        if result.index in self.results:
+        retried = {c.index for c in self.retry}
+        if result.index in self.results and result.index not in retried:
             raise ValueError(f"candidate {result.index} was recorded already")
-        if result.index not in pending:
+        if result.index not in pending | retried:
             raise ValueError(
                 f"candidate {result.index} is not pending (pending: {sorted(pending)})"
             )
@@ -135,7 +170,13 @@ class Study:
         if self.store is not None:
             self.store.append(result)
         self.results[result.index] = result
-        if self._generation_complete():
+        if result.index in retried:
+            # Its generation was told already (with a penalty); the new result counts
+            # for the best and the reports. See docs/resume.md.
+            self.retry = [c for c in self.retry if c.index != result.index]
+            self.state.best = self.best
+            self.save()
+        elif self._generation_complete():
             self._tell()
         return result
 
@@ -154,6 +195,69 @@ class Study:
         self.state.pending = []
         self.state.best = self.best
         self.save()
+
+    # -- resume -----------------------------------------------------------------------
+
+    def _replay(self, config_hash: str) -> RunState:
+        """Rebuilds the state from the history: asks and tells every recorded
+        generation again (ask/tell is deterministic for a seed), checking that each
+        asked genome is the one recorded.
+
+        Raises:
+            ResumeError: a recorded genome differs from what the optimizer asks now
+                (the run was made with another config or version).
+        """
+        state = RunState(config_hash=config_hash)
+        self.optimizer.start(state)
+        while True:
+            candidates = self.optimizer.ask(state)
+            recorded = [c for c in candidates if c.index in self.results]
+            for c in recorded:
+                if list(c.genome) != list(self.results[c.index].genome):
+                    raise ResumeError(
+                        f"{self.store.path}: cannot rebuild {STATE_FILE} from the "
+                        f"history: candidate {c.index} was {self.results[c.index].genome}"
+                        f" but this config asks {list(c.genome)} (another config or "
+                        "version made this run)"
+                    )
+            if len(recorded) < len(candidates):
+                break  # this generation is the pending one
+            generation = [self.results[c.index] for c in candidates]
+            fitness = told_fitness(
+                generation,
+                [r for r in self.results.values() if r.generation <= state.generation],
+            )
+            self.optimizer.tell(state, candidates, fitness)
+            state.penalties.update(
+                {
+                    r.index: f
+                    for r, f in zip(generation, fitness, strict=True)
+                    if not r.ok
+                }
+            )
+            state.generation += 1
+            state.pending = []
+        state.best = best_result(list(self.results.values()))
+        logger.warning(
+            "rebuilt the state from %d recorded generations", state.generation
+        )
+        return state
+
+    def _queue_retries(self) -> None:
+        """Failed candidates are evaluated again: those of the pending generation
+        before it is told (so the optimizer learns their real fitness), those of
+        generations told already on their own (the optimizer keeps what it learned
+        then; their new results count for the best and the reports)."""
+        pending = {c.index for c in self.state.pending}
+        failed = [r for r in self.results.values() if not r.ok]
+        for result in sorted(failed, key=lambda r: r.index):
+            if result.index in pending:
+                del self.results[result.index]
+            else:
+                self.retry.append(
+                    Candidate(result.index, result.generation, tuple(result.genome))
+                )
+        logger.info("retrying %d failed candidates", len(failed))
 
     # -- results ----------------------------------------------------------------------
 

@@ -155,52 +155,131 @@ def test_resume_with_another_config_is_refused(finished_run, write_config):
     )
 
 
-def test_sigkill_then_resume_gives_the_uninterrupted_result(
-    toy_zoo, tmp_path, write_config
-):
-    budget = 36
-    reference_dir = tmp_path / "reference"
-    Evolution(
-        parse_config(
-            toy_run_config(toy_zoo, reference_dir, budget, heldout={"tasks": []}),
-            "t",
-            None,
-        )
-    ).run()
-    reference = {r.index: r.fitness for r in History(reference_dir).read()}
+KILL_BUDGET = 36
 
-    run_dir = tmp_path / "killed"
-    config = write_config(
-        toy_run_config(toy_zoo, run_dir, budget, heldout={"tasks": []})
-    )
+
+@pytest.fixture(scope="module")
+def uninterrupted(toy_zoo, tmp_path_factory) -> dict[int, float]:
+    """Per-index fitness of the run every interrupted run must reproduce."""
+    reference_dir = tmp_path_factory.mktemp("reference") / "run"
+    data = toy_run_config(toy_zoo, reference_dir, KILL_BUDGET, heldout={"tasks": []})
+    Evolution(parse_config(data, "t", None)).run()
+    return {r.index: r.fitness for r in History(reference_dir).read()}
+
+
+def start_run(config: Path, *extra: str) -> subprocess.Popen:
     command = [sys.executable, "-m", "mergekit_evolve", str(config), "--no-progress"]
-    process = subprocess.Popen(
-        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    return subprocess.Popen(
+        [*command, *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    history = run_dir / "history.jsonl"
-    deadline = time.monotonic() + 120
+
+
+def wait_for_lines(history: Path, count: int, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 180
     while time.monotonic() < deadline and process.poll() is None:
-        if (
-            history.is_file() and history.read_text().count("\n") >= 9
-        ):  # mid-generation 2
-            os.kill(process.pid, signal.SIGKILL)
-            break
+        if history.is_file() and history.read_text().count("\n") >= count:
+            return
         time.sleep(0.01)
-    assert process.wait(timeout=30) == -signal.SIGKILL, process.stderr.read().decode()
+    raise AssertionError(f"no {count} results in time: {process.stderr.read()}")
+
+
+@pytest.mark.parametrize("damage", ["none", "garbage_line", "state_deleted"])
+def test_sigkill_then_resume_gives_the_uninterrupted_result(
+    toy_zoo, tmp_path, write_config, uninterrupted, damage
+):
+    """Kill mid-generation, damage the run directory, resume: nothing is lost, no
+    index twice, the same fitness per index as the uninterrupted run. A garbage line
+    is refused until --repair (seen on main 3903bf4: 26 of 35 records deleted
+    silently); a deleted state.pkl is rebuilt by replaying the history."""
+    run_dir = tmp_path / "killed"
+    data = toy_run_config(toy_zoo, run_dir, KILL_BUDGET, heldout={"tasks": []})
+    config = write_config(data)
+    process = start_run(config)
+    history = run_dir / "history.jsonl"
+    wait_for_lines(history, 9, process)  # mid-generation 2
+    os.kill(process.pid, signal.SIGKILL)
+    assert process.wait(timeout=30) == -signal.SIGKILL
     assert not (run_dir / "summary.json").exists()
     done_before = len(History(run_dir).read())
-    assert 9 <= done_before < budget
+    assert 9 <= done_before < KILL_BUDGET
 
-    resumed = subprocess.run(
-        [*command, "--resume"], capture_output=True, text=True, timeout=300
-    )
-    assert resumed.returncode == 0, resumed.stderr
+    extra = ["--resume"]
+    if damage == "garbage_line":
+        lines = history.read_text().splitlines(keepends=True)
+        history.write_text("".join(lines[:4] + ["{not json\n"] + lines[4:]))
+        refused = subprocess.run(
+            [sys.executable, "-m", "mergekit_evolve", str(config), "--resume"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert refused.returncode == 2
+        assert "history.jsonl line 5 is not a result" in refused.stderr
+        assert "Traceback" not in refused.stderr
+        extra.append("--repair")
+    elif damage == "state_deleted":
+        (run_dir / "state.pkl").unlink()
+
+    resumed = start_run(config, *extra)
+    _, stderr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, stderr
     results = History(run_dir).read()
     indices = [r.index for r in results]
-    assert sorted(indices) == list(range(budget))  # none twice, none lost
-    assert {r.index: r.fitness for r in results} == reference
+    assert sorted(indices) == list(range(KILL_BUDGET))  # none twice, none lost
+    assert {r.index: r.fitness for r in results} == uninterrupted
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["fitness"]["best"] == max(reference.values())
+    assert summary["fitness"]["best"] == max(uninterrupted.values())
+    if damage == "garbage_line":
+        assert "{not json" in (run_dir / "history.rejected.jsonl").read_text()
+
+
+def test_a_second_run_on_one_directory_is_refused(toy_zoo, tmp_path, write_config):
+    """Seen on main 3903bf4: two runs with one --output both started (every index
+    recorded twice), and --resume against a live run wrote final/ twice."""
+    run_dir = tmp_path / "shared"
+    # A budget that outlasts the second process's start-up and preflight.
+    data = toy_run_config(toy_zoo, run_dir, 3000, heldout={"tasks": []})
+    config = write_config(data)
+    first = start_run(config)
+    wait_for_lines(run_dir / "history.jsonl", 1, first)
+    for extra in ([], ["--resume"]):
+        second = subprocess.run(
+            [sys.executable, "-m", "mergekit_evolve", str(config), *extra],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert second.returncode == 2, second.stderr
+        assert f"in use by another mergekit-evolve process (PID {first.pid})" in (
+            second.stderr
+        )
+        assert len(second.stderr.strip().splitlines()) == 1
+    assert first.poll() is None  # the first run went on undisturbed
+    first.send_signal(signal.SIGINT)
+    first.communicate(timeout=120)
+    assert first.returncode == 130
+    indices = [r.index for r in History(run_dir).read()]
+    assert len(indices) == len(set(indices)) > 0  # no index twice
+
+
+def test_sigterm_records_finished_candidates_and_says_how_to_resume(
+    toy_zoo, tmp_path, write_config, uninterrupted
+):
+    run_dir = tmp_path / "terminated"
+    data = toy_run_config(toy_zoo, run_dir, KILL_BUDGET, heldout={"tasks": []})
+    config = write_config(data)
+    process = start_run(config, "--output", str(run_dir))
+    wait_for_lines(run_dir / "history.jsonl", 5, process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 143
+    assert stderr.strip().splitlines()[-1] == (
+        f"interrupted; resume with: mergekit-evolve {config} --output {run_dir} "
+        "--resume"
+    )
+    recorded = History(run_dir).read()
+    assert len(recorded) >= 5
+    assert all(r.fitness == uninterrupted[r.index] for r in recorded)
 
 
 def test_failing_candidates_are_recorded_and_the_run_goes_on(

@@ -27,7 +27,7 @@ def make_runner(config: RunConfig, sources: SourceSet, worker: Worker) -> Runner
         ConfigError: Ray is asked for and not installed.
     """
     if config.runner.type == "serial":
-        return SerialRunner(worker)
+        return SerialRunner(worker, threads=config.runner.torch_threads())
     # Only runners/ray.py imports Ray, and only when a config asks for it.
     from .ray import RayRunner
 

@@ -241,7 +241,7 @@ class RayRunner:
             max_restarts=0,
             runtime_env={"env_vars": _forwarded_env()},
         )
-        threads = max(1, int(self.runner.cpus_per_worker))
+        threads = self.runner.torch_threads()
         level = logging.getLogger("mergekit_evolve").getEffectiveLevel()
         for i in range(self.runner.workers):
             name = f"ray-{i}"
