@@ -1,4 +1,4 @@
-"""Tests for vlm.py: splitting LLaVA checkpoints, merging their text decoders with
+"""Tests for vlm/: splitting LLaVA checkpoints, merging their text decoders with
 causal LMs (parameter and data-flow spaces), reassembling, loading, and scoring with
 lm-eval's hf-multimodal; the VLM configs' dry runs; the toy VLM.
 
