@@ -2,7 +2,7 @@
 
     python benchmarks/throughput.py                 # the toy zoo on CPU (~2-4 minutes)
     python benchmarks/throughput.py --cuda          # the same on the GPU
-    python benchmarks/throughput.py --cuda --mistral7b /data/mistral7b   # 7B-shaped models
+    python benchmarks/throughput.py --cuda --mistral7b /data/mistral7b  # 7B-shaped
 
 One run measures, on the same candidates of the toy demo's search space (per-layer
 task-arithmetic weights of two experts over a base):
@@ -213,7 +213,8 @@ def genomes(dim: int, count: int, seed: int = 0) -> list[tuple[float, ...]]:
 def naive_candidate(
     space, genome, args: argparse.Namespace, work: Path, dtype: str
 ) -> dict[str, float]:
-    """``mergekit-yaml`` then the ``lm_eval`` CLI, as subprocesses; seconds and fitness."""
+    """``mergekit-yaml`` then the ``lm_eval`` CLI, as subprocesses; seconds and
+    fitness."""
     from mergekit_evolve.tasks import project_task_dir
 
     bin_dir = Path(sys.executable).parent
@@ -271,7 +272,7 @@ def naive_candidate(
     }
 
 
-# -- (b), (c) in process -----------------------------------------------------------------
+# -- (b), (c) in process ---------------------------------------------------------
 
 
 def in_process(config, sources, space, genome_list, in_memory: bool) -> dict[str, Any]:
@@ -322,7 +323,7 @@ def read_floor(sources, device: str) -> float:
     return min(times[1:])
 
 
-# -- Ray ---------------------------------------------------------------------------------
+# -- Ray -----------------------------------------------------------------------
 
 
 def ray_throughput(
@@ -383,7 +384,7 @@ def ray_throughput(
     }
 
 
-# -- main --------------------------------------------------------------------------------
+# -- main ----------------------------------------------------------------------
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -436,14 +437,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--threads",
         type=int,
         default=1,
-        help="torch threads in process and in the naive subprocesses (a Ray worker gets 1 per CPU)",
+        help="torch threads in process and in the naive subprocesses "
+        "(a Ray worker gets 1 per CPU)",
     )
     parser.add_argument(
         "--tokenizer-source",
         choices=["base", "none"],
         default="base",
-        help="sources.tokenizer_source: 'base' (the default of run configs) makes mergekit "
-        "re-index the embeddings on every build (~4 s at a 32k vocabulary); 'none' skips it",
+        help="sources.tokenizer_source: 'base' (the default of run configs) makes "
+        "mergekit re-index the embeddings on every build (~4 s at a 32k vocabulary); "
+        "'none' skips it",
     )
     parser.add_argument(
         "--cuda", action="store_true", help="merge and evaluate on the GPU"
@@ -496,7 +499,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     where = torch.cuda.get_device_name() if args.cuda else f"CPU ({cpu})"
     log(
-        f"sources: {', '.join(str(p) for p in models.values())} ({dtype}); {space.dim} genes; device {where}"
+        f"sources: {', '.join(str(p) for p in models.values())} ({dtype}); "
+        f"{space.dim} genes; device {where}"
     )
     out: dict[str, Any] = {
         "device": where,
@@ -510,7 +514,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     naive = None
     if args.naive:
         log(
-            f"(a) naive pipeline: mergekit-yaml + lm_eval CLI, {args.naive_candidates} candidates ..."
+            "(a) naive pipeline: mergekit-yaml + lm_eval CLI, "
+            f"{args.naive_candidates} candidates ..."
         )
         runs = [
             naive_candidate(space, genome_list[i], args, work, dtype)
@@ -520,7 +525,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             k: statistics.fmean(r[k] for r in runs) for k in ("build", "eval", "total")
         }
         log(
-            f"    {naive['total']:.2f} s/candidate (mergekit-yaml {naive['build']:.2f} s, lm_eval {naive['eval']:.2f} s)"
+            f"    {naive['total']:.2f} s/candidate "
+            f"(mergekit-yaml {naive['build']:.2f} s, lm_eval {naive['eval']:.2f} s)"
         )
         out.update(
             naive_s=naive["total"],
@@ -531,12 +537,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     log(f"(b) in-process, on-disk builds: {args.candidates} candidates ...")
     ondisk = in_process(config, sources, space, genome_list, in_memory=False)
     log(
-        f"    {ondisk['total']:.3f} s/candidate (build {ondisk['build']:.3f} s, eval {ondisk['eval']:.3f} s)"
+        f"    {ondisk['total']:.3f} s/candidate "
+        f"(build {ondisk['build']:.3f} s, eval {ondisk['eval']:.3f} s)"
     )
     log(f"(c) in-process, in-memory builds: {args.candidates} candidates ...")
     inmemory = in_process(config, sources, space, genome_list, in_memory=True)
     log(
-        f"    {inmemory['total']:.3f} s/candidate (build {inmemory['build']:.3f} s, eval {inmemory['eval']:.3f} s)"
+        f"    {inmemory['total']:.3f} s/candidate "
+        f"(build {inmemory['build']:.3f} s, eval {inmemory['eval']:.3f} s)"
     )
     # The three paths must score the same merge alike, or the comparison is moot.
     agree = np.allclose(ondisk["fitness"], inmemory["fitness"], atol=1e-6)
@@ -565,7 +573,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     if naive:
         log(
-            f"speedup: naive / in-memory = {out['speedup']:.0f}x; naive / on-disk = {naive['total'] / ondisk['total']:.0f}x"
+            f"speedup: naive / in-memory = {out['speedup']:.0f}x; "
+            f"naive / on-disk = {naive['total'] / ondisk['total']:.0f}x"
         )
 
     if args.ray:
@@ -576,7 +585,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         counts = [w for w in (1, 2) if w <= available]
         # One local Ray for every runner: the actors of all of them at once (1 + 2
         # logical CPUs on 2 cores is fine: only the runner being timed is busy). GPUs
-        # cannot be overbooked that way (Ray would hand out device ids that do not exist).
+        # cannot be overbooked that way (Ray would hand out device ids that do not
+        # exist).
         gpus = {"num_gpus": available} if args.cuda else {}
         ray.init(
             address="local",
@@ -588,7 +598,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
         log(
             f"Ray with {' and '.join(map(str, counts))} worker(s), 1 {per} each: "
-            f"{args.ray_candidates} candidates each, in {args.ray_rounds} alternating rounds ..."
+            f"{args.ray_candidates} candidates each, "
+            f"in {args.ray_rounds} alternating rounds ..."
         )
         try:
             if args.cuda and sum(counts) > available:
@@ -605,7 +616,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for workers in (1, 2):
             if workers in got:
                 log(
-                    f"    {workers} worker(s): {got[workers]['cpm']:.0f} candidates/min, "
+                    f"    {workers} worker(s): "
+                    f"{got[workers]['cpm']:.0f} candidates/min, "
                     f"workers idle {100 * got[workers]['idle_fraction']:.1f}%"
                 )
             else:

@@ -8,7 +8,8 @@ listed in ``docs/legacy.md``; the main ones:
 
 * Genes live in the unit cube with explicit ranges (``weight`` in [0, 1], or [-1, 1]
   with ``allow_negative_weights``; ``density`` and ``t`` in [0, 1]) instead of an
-  unbounded CMA-ES with ``abs()`` folding; the search starts at the centre of the ranges.
+  unbounded CMA-ES with ``abs()`` folding; the search starts at the centre of the
+  ranges.
 * ``smooth`` (interpolated layer values) and ``random_init`` are accepted and ignored
   with a warning; ``shuffle`` with ``limit`` scores a seeded random subset.
 * A negative task weight (the legacy way to minimize) becomes ``higher_is_better:
@@ -30,7 +31,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 from .spaces.param import default_searched, method_spec
-from .strict import HUB_ID, StrictModel, format_validation_error
+from .strict import HUB_ID, StrictModel, first_existing, format_validation_error
 
 logger = logging.getLogger(__name__)
 
@@ -69,13 +70,15 @@ def _model_string(value: Any) -> Any:
     if isinstance(value, dict):
         if value.get("lora"):
             raise ValueError(
-                "LoRA adapters are not supported; merge the adapter into the model first"
+                "LoRA adapters are not supported; "
+                "merge the adapter into the model first"
             )
         inner = value.get("model")
         if isinstance(inner, dict):
             if inner.get("revision"):
                 raise ValueError(
-                    "model revisions are not supported; download that revision and give its folder"
+                    "model revisions are not supported; "
+                    "download that revision and give its folder"
                 )
             inner = inner.get("path")
         if not isinstance(inner, str):
@@ -84,17 +87,20 @@ def _model_string(value: Any) -> Any:
     if isinstance(value, str):
         if "+" in value:
             raise ValueError(
-                f"{value!r}: LoRA adapters (model+lora) are not supported; merge the adapter into the model first"
+                f"{value!r}: LoRA adapters (model+lora) are not supported; "
+                "merge the adapter into the model first"
             )
         if "@" in value:
             raise ValueError(
-                f"{value!r}: model revisions (@rev) are not supported; give a local folder"
+                f"{value!r}: model revisions (@rev) are not supported; "
+                "give a local folder"
             )
     return value
 
 
 class LegacyGenome(StrictModel):
-    """The ``genome`` block of a legacy config (mergekit's ``ModelGenomeDefinition``)."""
+    """The ``genome`` block of a legacy config (mergekit's
+    ``ModelGenomeDefinition``)."""
 
     models: list[str] = Field(min_length=1)
     merge_method: str
@@ -137,8 +143,10 @@ class LegacyGenome(StrictModel):
             inputs = {*self.models, *([self.base_model] if self.base_model else [])}
             if len(inputs) != 2:
                 raise ValueError(
-                    f"merge_method: slerp needs exactly two models here, got {len(inputs)} (the legacy tool "
-                    "picked the two top-weighted models per layer group; that search is not supported)"
+                    "merge_method: slerp needs exactly two models here, "
+                    f"got {len(inputs)} (the legacy tool picked the two "
+                    "top-weighted models per layer group; that search is not "
+                    "supported)"
                 )
             if self.smooth:
                 raise ValueError("smooth: not supported for merge_method slerp")
@@ -148,7 +156,8 @@ class LegacyGenome(StrictModel):
 
 
 class LegacyTask(StrictModel):
-    """One legacy task (mergekit's ``TaskConfiguration``); a string is short for ``{name: ...}``."""
+    """One legacy task (mergekit's ``TaskConfiguration``); a string is short for
+    ``{name: ...}``."""
 
     name: str
     weight: float = 1.0
@@ -181,9 +190,8 @@ class LegacyConfig(StrictModel):
     num_fewshot: int | None = Field(default=None, ge=0)
     shuffle: bool = False
     random_init: bool = False
-    apply_chat_template: bool | None = (
-        None  # legacy default true; see convert_legacy_config
-    )
+    # None: the legacy default (true); see convert_legacy_config.
+    apply_chat_template: bool | None = None
     fewshot_as_multiturn: bool = True
 
     @model_validator(mode="after")
@@ -192,13 +200,15 @@ class LegacyConfig(StrictModel):
         for i, name in enumerate(names):
             if name in names[:i]:
                 raise ValueError(
-                    f"tasks.{i}.name: task {name!r} is listed twice; score one metric per task here"
+                    f"tasks.{i}.name: task {name!r} is listed twice; "
+                    "score one metric per task here"
                 )
         return self
 
 
 def is_legacy_config(data: Any) -> bool:
-    """Whether a loaded YAML mapping is in the legacy format (a top-level ``genome``)."""
+    """Whether a loaded YAML mapping is in the legacy format (a top-level
+    ``genome``)."""
     return isinstance(data, dict) and "genome" in data
 
 
@@ -216,7 +226,8 @@ def convert_if_legacy(data: Any, source: str, base_dir: str | Path | None) -> An
     ours = sorted(set(data) & {"sources", "space", "fitness", "optimizer", "output"})
     if ours:
         raise ConfigError(
-            f"{source}: genome: a legacy mergekit-evolve config cannot also set {ours[0]!r}"
+            f"{source}: genome: a legacy mergekit-evolve config cannot also set "
+            f"{ours[0]!r}"
         )
     logger.info("%s: a legacy mergekit-evolve config; converting it", source)
     return convert_legacy_config(data, source=source, base_dir=base_dir)
@@ -254,15 +265,15 @@ def convert_legacy_config(
         resolved = _resolve(model, base_dir)
         if not Path(resolved).is_absolute() and not HUB_ID.match(model):
             raise ConfigError(
-                f"{source}: {field}: model folder {model!r} not found (looked in the current directory "
+                f"{source}: {field}: model folder {model!r} not found "
+                "(looked in the current directory "
                 "and beside the config file)"
             )
     paths = [_resolve(m, base_dir) for m in genome.models]
     base_path = _resolve(genome.base_model, base_dir) if genome.base_model else None
     if base_path is not None and base_path not in paths:
-        paths.append(
-            base_path
-        )  # legacy: a base outside `models` joins the merge without genes
+        # legacy: a base outside `models` joins the merge without genes
+        paths.append(base_path)
     if genome.merge_method == "slerp" and base_path is None:
         base_path = paths[0]  # mergekit's slerp interpolates from its base model
     names = _unique_names(paths)
@@ -280,7 +291,8 @@ def convert_legacy_config(
             resolved = _resolve(tokenizer, base_dir)
             if resolved not in names:
                 raise ConfigError(
-                    f"{source}: genome.tokenizer_source: {tokenizer!r} is none of 'base', 'union' or the genome's models"
+                    f"{source}: genome.tokenizer_source: {tokenizer!r} is none of "
+                    "'base', 'union' or the genome's models"
                 )
             sources["tokenizer_source"] = names[resolved]
 
@@ -288,7 +300,8 @@ def convert_legacy_config(
     fitness = _fitness(legacy, sources, source)
     if legacy.random_init:
         logger.warning(
-            "%s: random_init is not supported; the search starts at the centre of the ranges",
+            "%s: random_init is not supported; "
+            "the search starts at the centre of the ranges",
             source,
         )
     stem = Path(source).stem if source and not source.startswith("<") else "legacy"
@@ -324,7 +337,8 @@ def _space(genome: LegacyGenome, source: str) -> dict[str, Any]:
     }
     if genome.smooth:
         logger.warning(
-            "%s: genome.smooth is not supported; each layer group gets its own fixed value "
+            "%s: genome.smooth is not supported; "
+            "each layer group gets its own fixed value "
             "(no interpolation across layers)",
             source,
         )
@@ -353,7 +367,8 @@ def _fitness(
             "_train"
         ):
             logger.warning(
-                "%s: task %s is a common benchmark; optimizing against its test set makes its "
+                "%s: task %s is a common benchmark; "
+                "optimizing against its test set makes its "
                 "scores meaningless (the legacy tool refused it without a flag)",
                 source,
                 task.name,
@@ -412,13 +427,9 @@ def _has_chat_template(model_dir: str) -> bool:
 def _resolve(path: str, base_dir: str | Path | None) -> str:
     """A legacy model path: the current directory first (mergekit's rule), then the
     config file's directory; a path found in neither (a hub id) is kept."""
-    candidate = Path(path).expanduser()
-    if candidate.is_absolute():
-        return str(candidate)
-    for root in (Path.cwd(), *([Path(base_dir)] if base_dir is not None else [])):
-        if (root / candidate).exists():
-            return str((root / candidate).resolve())
-    return path
+    roots = [Path.cwd(), *([Path(base_dir)] if base_dir is not None else [])]
+    found = first_existing(path, roots)
+    return found if found is not None else path
 
 
 def _unique_names(paths: list[str]) -> dict[str, str]:

@@ -74,7 +74,8 @@ def load_task_utils(task_dir: Path, name: str):
 def tiny_config(
     models: dict[str, Path], output: Path, **sections: Any
 ) -> dict[str, Any]:
-    """A small, valid run config over ``models``; ``sections`` replace top-level keys."""
+    """A small, valid run config over ``models``; ``sections`` replace top-level
+    keys."""
     config: dict[str, Any] = {
         "name": "test",
         "sources": {

@@ -141,7 +141,8 @@ def test_a_union_vocabulary_builds_on_disk_with_its_own_tokenizer(
     tiny_models, tmp_path
 ):
     # Give model b two extra tokens: the union vocabulary is larger than any source's
-    # preallocated shape, so the build must go through run_merge and bring its tokenizer.
+    # preallocated shape, so the build must go through run_merge and bring its
+    # tokenizer.
     import transformers
 
     extended = tmp_path / "b_extended"

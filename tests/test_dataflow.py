@@ -143,7 +143,8 @@ def _merged_logits(cfg: MergeConfiguration, out_dir, ids: torch.Tensor):
 def _genome(
     space: DataflowSpace, keep: list[tuple[int, str, int]], scales=None, seed=0
 ):
-    """A genome keeping slots ``(repeat, model, layer)``; scale genes random or given."""
+    """A genome keeping slots ``(repeat, model, layer)``; scale genes random or
+    given."""
     names = space.gene_names()
     x = np.full(space.dim, 0.2)
     for rep, model, layer in keep:
@@ -210,7 +211,8 @@ def test_merged_logits_match_reference(case, sources, loaded, tmp_path):
 
 
 def test_scales_matter(sources, loaded, tmp_path):
-    """The reference is sensitive to the scales (so the exactness test tests something)."""
+    """The reference is sensitive to the scales (so the exactness test tests
+    something)."""
     space = _space(sources)
     keep = [(0, "a", 0), (0, "b", 1), (0, "b", 2)]
     x = _genome(space, keep, seed=1)
@@ -459,7 +461,8 @@ def test_config_validation(sources):
 
 def test_toy_dfs_best_reproduces_with_mergekit_yaml(toy_zoo, write_config, tmp_path):
     """A short DFS run on the toy zoo: its best has a new depth, loads without custom
-    code, and ``mergekit-yaml best.yml OUT`` rebuilds a model with its held-out score."""
+    code, and ``mergekit-yaml best.yml OUT`` rebuilds a model with its held-out
+    score."""
     from click.testing import CliRunner
     from conftest import tiny_config
     from mergekit.scripts.run_yaml import main as mergekit_yaml

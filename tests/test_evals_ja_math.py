@@ -170,7 +170,7 @@ def test_task_folder_works_when_copied_elsewhere(tmp_path, fixture_data):
     assert results["acc,none"] == pytest.approx(0.75)
 
 
-# ----------------------------------------------------------------------------- extraction
+# ---------------------------------------------------------------------- extraction
 
 
 @pytest.mark.parametrize(
@@ -270,7 +270,7 @@ def test_language_gate_agrees_with_fixture_labels():
                 assert utils.is_japanese(row["response"]) is bool(row["acc_ja"]), row
 
 
-# ----------------------------------------------------------------------------- leaderboard
+# --------------------------------------------------------------------- leaderboard
 
 _LEADERBOARD_MEMBERS = {
     # (path, name): rows shared by every split; 6 rows cover 5-shot prompts.
@@ -371,7 +371,9 @@ def test_leaderboard_average_is_a_macro_average(monkeypatch):
     lm = ScriptedLM(
         {
             "日本の首都は東京です。\n質問：首都はどこ？\n\n### 応答：": " 東京 ",
-            "富士山は日本一高い山です。\n質問：日本一高い山は？\n\n### 応答：": "富士山",
+            (
+                "富士山は日本一高い山です。\n質問：日本一高い山は？\n\n### 応答："
+            ): "富士山",
             "計算": "答えは5",
             "ニュース記事：記事": "要約です。",
         }

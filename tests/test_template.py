@@ -20,12 +20,9 @@ from mergekit_evolve.errors import ConfigError, InvalidGenomeError
 from mergekit_evolve.loading import load_config, parse_config
 from mergekit_evolve.sources import SourceSet, load_sources
 from mergekit_evolve.spaces import SPACES, make_space
+from mergekit_evolve.spaces.markers import format_number
 from mergekit_evolve.spaces.param import method_spec
-from mergekit_evolve.spaces.template import (
-    TemplateSpace,
-    TemplateSpaceConfig,
-    format_number,
-)
+from mergekit_evolve.spaces.template import TemplateSpace, TemplateSpaceConfig
 
 NUMBER = r"(-?\d+(?:\.\d+)?)"
 FLOW_MARKER = re.compile(r"\{evolve: \[[^\]]*\](?:, (?:init|count): [^,}]*)*\}")
@@ -70,23 +67,21 @@ parameters:
 dtype: float32
 tokenizer_source: base
 chat_template: "{{{{ messages }}}}"
-"""
+"""  # noqa: E501 (the template's flow-style line is test data)
 
 
 def test_only_markers_are_genes_and_the_rest_of_the_text_is_kept(recipe):
     space = space_for(recipe)
-    assert (
-        space.gene_names()
-        == [
-            "models[a].parameters.weight[self_attn].value",
-            "models[a].parameters.weight[1].value[1]",
-            "models[a].parameters.density",  # the alias *d is the same gene, not a second one
-            "models[b].parameters.weight@0",
-            "models[b].parameters.weight@1",
-            "models[b].parameters.weight@2",
-            "parameters.lambda",
-        ]
-    )
+    assert space.gene_names() == [
+        "models[a].parameters.weight[self_attn].value",
+        "models[a].parameters.weight[1].value[1]",
+        # the alias *d is the same gene, not a second one
+        "models[a].parameters.density",
+        "models[b].parameters.weight@0",
+        "models[b].parameters.weight@1",
+        "models[b].parameters.weight@2",
+        "parameters.lambda",
+    ]
     x0 = space.x0(0.5)
     assert x0[2] == pytest.approx((0.7 - 0.1) / 0.9)  # init, mapped into the unit cube
     assert x0[[0, 1, 3, 6]] == pytest.approx([0.5] * 4)
@@ -190,7 +185,8 @@ def _method_template(method: str, models: dict[str, Path]) -> str | None:
             f"      - model: {models['a']}",
             "        layer_range: [0, 2]",
             "        parameters:",
-            "          scale: [{filter: o_proj, value: {evolve: [0.5, 1.5]}}, {value: 1.0}]",
+            "          scale: [{filter: o_proj, value: {evolve: [0.5, 1.5]}}, "
+            "{value: 1.0}]",
         ]
     else:
         lines.append("models:")
@@ -219,7 +215,8 @@ def test_every_mergekit_method_validates_and_builds(method, tiny_models, builder
         with pytest.raises(ValueError, match="has no numeric parameter"):
             space_for(
                 f"merge_method: {method}\nbase_model: {tiny_models['base']}\nmodels:\n"
-                f"  - model: {tiny_models['a']}\n    parameters: {{weight: {{evolve: [0, 1]}}}}\n"
+                f"  - model: {tiny_models['a']}\n"
+                "    parameters: {weight: {evolve: [0, 1]}}\n"
             )
         return
     space = space_for(text)
@@ -234,7 +231,8 @@ def test_every_mergekit_method_validates_and_builds(method, tiny_models, builder
     [
         (
             ("merge_method: ties", "merge_method: tiez"),
-            r"space\.recipe: recipe: merge_method: unknown mergekit merge method 'tiez'",
+            r"space\.recipe: recipe: merge_method: "
+            r"unknown mergekit merge method 'tiez'",
         ),
         (
             ("lambda:\n    evolve: [0.5, 1.5]", "lambda:\n    evolve: [1.5, 0.5]"),
@@ -304,8 +302,10 @@ def test_relative_paths_resolve_against_the_template_and_best_yaml_runs_anywhere
     folder.mkdir()
     rel = {n: os.path.relpath(p, folder) for n, p in tiny_models.items()}
     text = (
-        f"merge_method: linear\nmodels:\n  - model: {rel['a']}\n    parameters: {{weight: {{evolve: [0, 1]}}}}\n"
-        f"  - model: {rel['b']}\n    parameters: {{weight: {{evolve: [0, 1]}}}}\ndtype: float32\n"
+        f"merge_method: linear\nmodels:\n  - model: {rel['a']}\n"
+        "    parameters: {weight: {evolve: [0, 1]}}\n"
+        f"  - model: {rel['b']}\n"
+        "    parameters: {weight: {evolve: [0, 1]}}\ndtype: float32\n"
     )
     (folder / "merge.yml").write_text(text)
     monkeypatch.chdir(tiny_models["a"])  # the working directory must not matter

@@ -1,4 +1,4 @@
-"""Tests for vlm.py: splitting LLaVA checkpoints, merging their text decoders with
+"""Tests for vlm/: splitting LLaVA checkpoints, merging their text decoders with
 causal LMs (parameter and data-flow spaces), reassembling, loading, and scoring with
 lm-eval's hf-multimodal; the VLM configs' dry runs; the toy VLM.
 
@@ -330,7 +330,7 @@ def test_search_prepares_a_vlm_config_as_the_command_line_does(models, tmp_path)
     assert search.tell(trial, 0.5).ok
 
 
-# ----------------------------------------------------------------------------- LLaVA-NeXT
+# ---------------------------------------------------------------------- LLaVA-NeXT
 
 
 def test_llava_next_loaded_as_llava_keeps_vision_weights(models, tmp_path):

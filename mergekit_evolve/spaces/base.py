@@ -20,7 +20,8 @@ SPACES: Registry[type[SearchSpace]] = Registry("search space")
 
 
 def register_space(name: str):
-    """Class decorator: registers a :class:`SearchSpace` under ``name`` (its config ``type``)."""
+    """Class decorator: registers a :class:`SearchSpace` under ``name`` (its config
+    ``type``)."""
 
     def decorator(cls: type[SearchSpace]) -> type[SearchSpace]:
         cls.name = name
@@ -68,7 +69,8 @@ class SearchSpace(ABC):
         """
 
     def x0(self, value: float = 0.5) -> np.ndarray:
-        """The initial mean of the search (the paper starts CMA-ES at 0.5 everywhere)."""
+        """The initial mean of the search (the paper starts CMA-ES at 0.5
+        everywhere)."""
         return np.full(self.dim, value)
 
     def describe(self, x: np.ndarray) -> dict[str, float]:

@@ -62,7 +62,8 @@ def default_searched(method: str) -> dict[str, Bounds]:
         "density" in params
         and merge_methods.get(method).sparsification_method is not None
     ):
-        # DELLA samples keep-probabilities in density +/- epsilon, which must stay in (0, 1).
+        # DELLA samples keep-probabilities in density +/- epsilon, which must stay in
+        # (0, 1).
         margin = _epsilon_default(method) + 0.01 if "epsilon" in params else 0.0
         searched["density"] = Bounds(min=max(0.1, margin), max=1.0 - margin)
     return searched
@@ -81,7 +82,8 @@ class ParameterSpaceConfig(StrictModel):
             ``breadcrumbs``, ``slerp``...).
         granularity: ``global``, ``block`` or ``layer``: how many layers share a gene.
         block_size: Layers per block with ``granularity: block``.
-        filters: Tensor-name filters with genes of their own (e.g. ``[self_attn, mlp]``).
+        filters: Tensor-name filters with genes of their own (e.g.
+            ``[self_attn, mlp]``).
         embeddings: Separate genes for the tensors named in ``embedding_filters``.
         embedding_filters: Names of the embedding and output-head tensors.
         parameters: Searched parameters and their ranges, e.g. ``{weight: [0, 1]}``
@@ -125,12 +127,14 @@ class ParameterSpaceConfig(StrictModel):
         for name, bounds in self.searched().items():
             if name not in numeric:
                 raise ValueError(
-                    f"parameters.{name}: {self.method} has no numeric parameter {name!r} "
+                    f"parameters.{name}: {self.method} has no numeric parameter "
+                    f"{name!r} "
                     f"(it has: {', '.join(sorted(numeric))})"
                 )
             if name == "weight" and bounds.min < 0 and not self.allow_negative_weights:
                 raise ValueError(
-                    f"parameters.weight: range [{bounds.min}, {bounds.max}] goes below 0; "
+                    f"parameters.weight: range [{bounds.min}, {bounds.max}] "
+                    "goes below 0; "
                     "set allow_negative_weights: true to allow it"
                 )
             if name in ("density", "t") and (bounds.min < 0 or bounds.max > 1):
@@ -146,14 +150,16 @@ class ParameterSpaceConfig(StrictModel):
             density = self.searched()["density"]
             if density.min - epsilon <= 0 or density.max + epsilon >= 1:
                 raise ValueError(
-                    f"parameters.density: {self.method} needs density +/- epsilon inside (0, 1); "
-                    f"with epsilon {epsilon} the range must lie within ({epsilon}, {1 - epsilon})"
+                    f"parameters.density: {self.method} needs density +/- epsilon "
+                    f"inside (0, 1); with epsilon {epsilon} the range must lie "
+                    f"within ({epsilon}, {1 - epsilon})"
                 )
         all_params = {p.name for p in method_spec(self.method).parameters}
         for name in self.method_parameters:
             if name not in all_params:
                 raise ValueError(
-                    f"method_parameters.{name}: {self.method} has no parameter {name!r} "
+                    f"method_parameters.{name}: {self.method} has no parameter "
+                    f"{name!r} "
                     f"(it has: {', '.join(sorted(all_params))})"
                 )
             if name in self.searched():
@@ -174,7 +180,8 @@ class ParameterSpaceConfig(StrictModel):
 
 @dataclass(frozen=True)
 class Gene:
-    """Where one gene goes: parameter, model (None: method-wide), tensor group, layers."""
+    """Where one gene goes: parameter, model (None: method-wide), tensor group,
+    layers."""
 
     parameter: str
     model: str | None
@@ -281,8 +288,8 @@ class ParameterSpace(SearchSpace):
     def _setting(
         self, parameter: str, model: str | None, values: dict[Gene, float]
     ) -> Any:
-        """mergekit's notation for one parameter of one model: a scalar, a per-layer list,
-        or a conditional list with the embedding and filter groups first."""
+        """mergekit's notation for one parameter of one model: a scalar, a per-layer
+        list, or a conditional list with the embedding and filter groups first."""
         entries = []
         for gene, value in values.items():
             if gene.parameter == parameter and gene.model == model and not gene.layers:
@@ -344,7 +351,8 @@ class ParameterSpace(SearchSpace):
         return self._finish_config(data)
 
     def _finish_config(self, data: dict[str, Any]) -> MergeConfiguration:
-        """Adds the run-wide settings (dtype, tokenizer) every decoded config carries."""
+        """Adds the run-wide settings (dtype, tokenizer) every decoded config
+        carries."""
         if self.dtype:
             data["dtype"] = self.dtype
         if self.sources.tokenizer_source:
