@@ -18,7 +18,14 @@ from .card import (
     write_run_card,
 )
 from .cli import main
-from .plots import draw_plots, plot_fitness, plot_genes, plot_heldout
+from .plots import (
+    draw_plots,
+    fitness_figure,
+    heldout_figure,
+    plot_fitness,
+    plot_genes,
+    plot_heldout,
+)
 from .summary import RunRecord, load_run, read_results, summarize, write_summary
 from .tables import (
     BEST_LABELS,
@@ -43,6 +50,8 @@ __all__ = [
     "comparison_tasks",
     "draw_plots",
     "fitness_description",
+    "fitness_figure",
+    "heldout_figure",
     "fitness_rows",
     "heldout_rows",
     "load_run",

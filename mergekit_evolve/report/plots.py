@@ -67,12 +67,7 @@ def plot_fitness(
     ylabel: str | None = None,
     references: Mapping[str, float] | None = None,
 ) -> Path:
-    """Draws the search's progress.
-
-    Every successful candidate is a dot, failed ones are red crosses at the penalty
-    they were told with, the mean of each generation and the best so far are lines,
-    and ``references`` (sources and baselines scored on the fitness tasks) are
-    dashed horizontal lines.
+    """Draws the search's progress into a PNG (see :func:`fitness_figure`).
 
     Args:
         results: The run's results (any order).
@@ -83,6 +78,33 @@ def plot_fitness(
 
     Returns:
         ``path``.
+    """
+    fig = fitness_figure(results, title=title, ylabel=ylabel, references=references)
+    return _save(fig, path)
+
+
+def fitness_figure(
+    results: Sequence[Result],
+    *,
+    title: str | None = None,
+    ylabel: str | None = None,
+    references: Mapping[str, float] | None = None,
+):
+    """The search's progress as a matplotlib figure.
+
+    Every successful candidate is a dot, failed ones are red crosses at the penalty
+    they were told with, the mean of each generation and the best so far are lines,
+    and ``references`` (sources and baselines scored on the fitness tasks) are
+    dashed horizontal lines. The legend sits right of the axes, off the points.
+
+    Args:
+        results: The run's results (any order).
+        title: The plot's title (default: ``"fitness per candidate"``).
+        ylabel: The y axis label (default: ``"fitness"``), e.g. the metric and task.
+        references: ``{label: fitness}`` reference lines.
+
+    Returns:
+        The figure (the caller saves and closes it).
     """
     plt = _pyplot()
     results = sorted(results, key=lambda r: r.index)
@@ -165,7 +187,7 @@ def plot_fitness(
     ax.set_title(title or "fitness per candidate")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
-    return _save(fig, path)
+    return fig
 
 
 # -- genes.png ----------------------------------------------------------------------
@@ -204,8 +226,7 @@ def _plot_param_genes(
     fig, axes = plt.subplots(
         len(panels), 1, figsize=(min(width, 18.0), height), squeeze=False
     )
-    cmap = plt.get_cmap("viridis").copy()
-    cmap.set_bad("white")
+    cmap = plt.get_cmap("viridis").with_extremes(bad="white")
     for ax, panel in zip(axes[:, 0], panels, strict=True):
         finite = panel.values[~np.isnan(panel.values)]
         lo, hi = bounds.get(panel.parameter, (float(finite.min()), float(finite.max())))
@@ -314,8 +335,7 @@ def _plot_dataflow_genes(genes: Mapping[str, float], title: str, max_depth: int 
             or 0.1
         )
         norm = LogNorm(math.exp(-extent), math.exp(extent))
-        cmap = plt.get_cmap("coolwarm").copy()
-        cmap.set_bad("white")
+        cmap = plt.get_cmap("coolwarm").with_extremes(bad="white")
         image = ax_scale.imshow(
             np.ma.masked_invalid(recipe.scales), cmap=cmap, norm=norm
         )
@@ -416,8 +436,7 @@ def plot_genes(
 def plot_heldout(
     summary: Mapping[str, Any], path: Path, *, title: str | None = None
 ) -> Path | None:
-    """Draws the held-out scores: one group of bars per task, one bar per model
-    (sources grey, baselines hatched, the best last and red).
+    """Draws the held-out scores into a PNG (see :func:`heldout_figure`).
 
     Args:
         summary: The run's ``summary.json``.
@@ -426,6 +445,22 @@ def plot_heldout(
 
     Returns:
         ``path``, or None when the run scored no held-out task.
+    """
+    fig = heldout_figure(summary, title=title)
+    return None if fig is None else _save(fig, path)
+
+
+def heldout_figure(summary: Mapping[str, Any], *, title: str | None = None):
+    """The held-out scores as a matplotlib figure: one group of bars per task, one
+    bar per model (sources grey, baselines hatched blue, the best last and red),
+    the legend right of the axes.
+
+    Args:
+        summary: The run's ``summary.json``.
+        title: The plot's title.
+
+    Returns:
+        The figure, or None when the run scored no held-out task.
     """
     tasks = summary.get("heldout", {}).get("tasks", [])
     rows = heldout_rows(summary, best_label(summary))
@@ -468,7 +503,7 @@ def plot_heldout(
     ax.set_title(title or "held-out scores", fontsize=11)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
-    return _save(fig, path)
+    return fig
 
 
 # -- a whole run directory ----------------------------------------------------------
