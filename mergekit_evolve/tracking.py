@@ -236,7 +236,7 @@ class WandbTracker:
                 columns=["gene", "value"], data=[[k, v] for k, v in genes.items()]
             )
         for name, path in plot_paths.items():
-            if Path(path).is_file():
+            if Path(path).suffix == ".png" and Path(path).is_file():
                 payload[f"plots/{name}"] = wandb.Image(str(path), caption=name)
         if payload:
             # No step: these belong to the end of the run, after the last candidate.
@@ -313,7 +313,7 @@ class TensorBoardTracker:
             lines += [f"| {k} | {v:.6g} |" for k, v in genes.items()]
             self.writer.add_text("best_genes", "\n".join(lines), global_step=step)
         for name, path in plot_paths.items():
-            if Path(path).is_file():
+            if Path(path).suffix == ".png" and Path(path).is_file():
                 self.writer.add_image(
                     f"plots/{name}",
                     _read_png(path),

@@ -45,10 +45,11 @@ def test_reports_of_a_finished_search(toy_run: Path, toy_zoo, one_torch_thread):
         labels
     )
 
-    plots = report.draw_plots(toy_run)
+    plots = report.write_run_outputs(toy_run)  # what the loop calls at the end
     assert set(plots) == {"fitness", "genes", "heldout"}
-
-    card, mergekit_config = report.write_run_card(toy_run)
+    assert all(path.stat().st_size > 10_000 for path in plots.values())
+    card = toy_run / "final" / "README.md"
+    mergekit_config = toy_run / "final" / "mergekit_config.yml"
     text = card.read_text(encoding="utf-8")
     meta = report.read_front_matter(text)
     assert meta["base_model"] == [str(p) for p in toy_zoo.values()]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import struct
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +125,8 @@ def read_wandb_records(path: Path) -> list[Any]:
         if kind == 0 and length == 0:
             pos += left - 7
             continue
+        if pos + length > len(data):
+            break  # a chunk still being written
         pending += data[pos : pos + length]
         pos += length
         if kind in (FULL, LAST):
@@ -132,6 +135,21 @@ def read_wandb_records(path: Path) -> list[Any]:
             records.append(record)
             pending = b""
     return records
+
+
+def wait_for_wandb_log(run_dir: Path, run_id: str, timeout: float = 60.0) -> list:
+    """The records of a finished offline run, once its log ends with the ``exit``
+    record: ``run.finish()`` can return before W&B's service process has written
+    the log out (it does so before the Python process exits)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        logs = list(run_dir.glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb"))
+        records = read_wandb_records(logs[0]) if len(logs) == 1 else []
+        if records and records[-1].HasField("exit"):
+            return records
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no complete W&B log for {run_id} in {run_dir}")
+        time.sleep(0.1)
 
 
 def _items(items) -> dict[str, Any]:
@@ -169,8 +187,8 @@ def test_wandb_offline_run_is_readable_afterwards(wandb_offline: Path):
     _track(make_trackers(settings, run_dir), run_dir, _plot(wandb_offline))
 
     run_id = json.loads((run_dir / TRACKING_FILE).read_text())["wandb_run_id"]
+    records = wait_for_wandb_log(run_dir, run_id)
     (log,) = run_dir.glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb")
-    records = read_wandb_records(log)
     run = next(r.run for r in records if r.HasField("run"))
     assert (run.project, run.display_name, list(run.tags)) == ("p", "tracked", ["toy"])
     config = {item.key: json.loads(item.value_json) for item in run.config.update}

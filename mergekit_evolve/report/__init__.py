@@ -16,6 +16,7 @@ from .card import (
     write_mergekit_config,
     write_model_card,
     write_run_card,
+    write_run_outputs,
 )
 from .cli import main
 from .plots import (
@@ -67,5 +68,6 @@ __all__ = [
     "write_mergekit_config",
     "write_model_card",
     "write_run_card",
+    "write_run_outputs",
     "write_summary",
 ]

@@ -274,3 +274,31 @@ def read_front_matter(text: str) -> dict[str, Any]:
         return {}
     end = text.index("\n---\n", 4)
     return yaml.safe_load(text[4:end]) or {}
+
+
+def write_run_outputs(
+    run_dir: Path,
+    *,
+    plots: bool = True,
+    card: bool = True,
+    merge_seed: int | None = None,
+) -> dict[str, Path]:
+    """Everything a finished run directory shows besides ``summary.json``: the plots
+    and the model card. The loop calls it once ``summary.json`` is written.
+
+    Args:
+        run_dir: The run directory.
+        plots: Draw ``fitness.png``, ``genes.png`` and ``heldout.png``.
+        card: Write ``final/README.md`` and ``final/mergekit_config.yml`` (when the
+            run saved its model).
+        merge_seed: The seed mergekit merged with, if any, for the card.
+
+    Returns:
+        ``{plot name: path}`` of the plots drawn (for the trackers' ``log_final``).
+    """
+    from .plots import draw_plots
+
+    drawn = draw_plots(Path(run_dir)) if plots else {}
+    if card:
+        write_run_card(Path(run_dir), merge_seed=merge_seed)
+    return drawn
