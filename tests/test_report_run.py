@@ -62,6 +62,7 @@ def test_reports_of_a_finished_search(toy_run: Path, toy_zoo, one_torch_thread):
     )
 
     # The calls the loop makes, replayed from the history: TensorBoard events.
+    pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import (
         EventAccumulator,
     )
