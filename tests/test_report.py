@@ -288,12 +288,22 @@ def test_summarize_records_what_names_the_baselines():
         3.14159,
         fitness_references={"sources": {"math": 0.2}},
     )
-    assert summary["space"] == {"type": "dataflow", "dim": 28, "models": ["math", "ja"]}
+    assert summary["space"] == {"type": "dataflow", "dim": 28}
     assert summary["sources"] == ["base", "math", "ja"]
     assert summary["failed"] == 1 and summary["wall_seconds"] == 3.14
     assert summary["fitness"]["sources"] == {"math": 0.2}
     assert "baselines" not in summary["fitness"]
     assert summary["heldout"] == {"tasks": ["t_heldout"], "best": {"t_heldout": 1.0}}
+    assert summary["baselines"] == {}  # none scored
+
+    scored = report.summarize(
+        config, space, results, best, {"baselines": {"uniform": {"t": 0.5}}}, 1.0
+    )
+    assert scored["baselines"] == {
+        "uniform": "equal-weight average of the path models: math, ja"
+    }
+    # What the summary records is what every table says.
+    assert report.baseline_label("uniform", scored).endswith("models: math, ja)")
 
 
 def test_load_run_reads_without_changing_the_run(run_dir: Path):

@@ -3,6 +3,7 @@ baselines, and plots, card and tracking work from the run directory alone."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -35,11 +36,14 @@ def toy_run(toy_zoo, tmp_path_factory) -> Path:
 
 
 def test_reports_of_a_finished_search(toy_run: Path, toy_zoo, one_torch_thread):
+    written = json.loads((toy_run / "summary.json").read_text(encoding="utf-8"))
+    assert written["sources"] == list(toy_zoo)
+    assert written["baselines"] == {
+        "uniform": "equal-weight average of all sources: base, math, ja",
+        "default": "task_arithmetic, weight 1 each, mergekit defaults",
+    }
     record = report.load_run(toy_run)
     summary = record.summary
-    # What the loop's summarize() recorded, not filled in from config.yml.
-    assert summary["sources"] == list(toy_zoo)
-    assert summary["space"]["method"] == "task_arithmetic"
     labels = [label for label, _ in report.heldout_rows(summary)]
     assert "baseline: default (task_arithmetic, weight 1 each, mergekit defaults)" in (
         labels

@@ -23,10 +23,9 @@ FINAL_DIR = "final"
 
 
 def _space_facts(config: Any, space: Any) -> dict[str, Any]:
-    """The space's type and size, and what the reports need to name its baselines:
-    the merge method of a parameter space, the path-search models of a data-flow
-    space."""
-    facts: dict[str, Any] = {"type": config.space.type, "dim": space.dim}
+    """What names a space's baselines: its type, the merge method of a parameter
+    space, the path-search models of a data-flow space."""
+    facts: dict[str, Any] = {"type": config.space.type}
     method = getattr(config.space, "method", None)
     if isinstance(method, str):
         facts["method"] = method
@@ -71,12 +70,23 @@ def summarize(
     for group in ("sources", "baselines"):
         if fitness_references and fitness_references.get(group):
             fitness[group] = dict(fitness_references[group])
-    sources = getattr(getattr(space, "sources", None), "models", None) or ()
+    sources = [
+        m.name for m in getattr(getattr(space, "sources", None), "models", None) or ()
+    ]
+    from .tables import baseline_description
+
+    facts = {"space": _space_facts(config, space), "sources": sources}
+    names = [*heldout.get("baselines", {}), *fitness.get("baselines", {})]
     summary: dict[str, Any] = {
         "name": config.name,
         "config_hash": config.config_hash(),
-        "space": _space_facts(config, space),
-        "sources": [m.name for m in sources],
+        "space": {"type": config.space.type, "dim": space.dim},
+        "sources": sources,
+        # What each baseline is, in words: its name alone means different merges
+        # in different spaces (docs/report.md).
+        "baselines": {
+            name: baseline_description(name, facts) for name in dict.fromkeys(names)
+        },
         "optimizer": {"type": config.optimizer.type, "seed": config.optimizer.seed},
         "evaluations": len(results),
         "failed": len(results) - len(ok),

@@ -34,9 +34,10 @@ def _models_text(names: Sequence[str], what: str) -> str:
 def baseline_description(name: str, summary: Mapping[str, Any]) -> str:
     """What a baseline of a run is, in a few words (``""`` for an unknown name).
 
-    The facts come from ``summary.json``: ``space.type``, ``space.method`` and
-    ``space.models`` and ``sources`` where the run recorded them (older summaries
-    lack them and get the generic wording). A hybrid's baselines are its PS stage's.
+    ``summary.json`` records it under ``baselines`` (``summarize``); otherwise (older
+    summaries, hybrids, whose top level is copied from their DFS stage while their
+    baselines are the PS stage's) it is made from ``space.type``, ``space.method``,
+    ``space.models`` and ``sources`` where present, else in generic words.
 
     Args:
         name: The baseline's key in ``heldout.baselines`` (``uniform``, ``default``,
@@ -48,6 +49,9 @@ def baseline_description(name: str, summary: Mapping[str, Any]) -> str:
     """
     space = summary.get("space", {})
     kind = space.get("type")
+    recorded = summary.get("baselines")
+    if kind != "hybrid" and isinstance(recorded, Mapping) and recorded.get(name):
+        return str(recorded[name])
     heldout_sources = list(summary.get("heldout", {}).get("sources", {}))
     if kind == "hybrid":
         # The hybrid's summary starts from its DFS stage's; the baselines, like the
