@@ -14,9 +14,11 @@ even when parallel workers finish out of order):
   ``candidate/index``, ``candidate/generation``, ``candidate/build_seconds``,
   ``candidate/eval_seconds``, ``best/fitness`` (best so far), and every raw metric
   as ``metrics/TASK/METRIC,FILTER``;
-* at the end: ``final/best_fitness``, the held-out table (a W&B table, TensorBoard
-  text in Markdown), each held-out score as ``heldout/TASK/ROW``, the best genes,
-  and the plots as images.
+* at the end: ``final/best_fitness``, each held-out score as ``heldout/TASK/best``,
+  ``heldout/TASK/source/NAME``, ``heldout/TASK/baseline/NAME`` and
+  ``heldout/TASK/stage/NAME``, the held-out table with its named rows and the best
+  genes (W&B tables ``heldout_table``, ``best_genes_table``; TensorBoard text
+  ``heldout``, ``best_genes``), and the plots as images (``plots/NAME``).
 """
 
 from __future__ import annotations
@@ -229,10 +231,10 @@ class WandbTracker:
         columns, rows = heldout_table(summary)
         payload: dict[str, Any] = {}
         if rows:
-            payload["heldout"] = wandb.Table(columns=columns, data=rows)
+            payload["heldout_table"] = wandb.Table(columns=columns, data=rows)
         genes = summary.get("best_genes") or {}
         if genes:
-            payload["best_genes"] = wandb.Table(
+            payload["best_genes_table"] = wandb.Table(
                 columns=["gene", "value"], data=[[k, v] for k, v in genes.items()]
             )
         for name, path in plot_paths.items():

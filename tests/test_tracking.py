@@ -206,7 +206,9 @@ def test_wandb_offline_run_is_readable_afterwards(wandb_offline: Path):
     assert summary["heldout/t_heldout/baseline/uniform"] == 0.25
     assert summary["heldout/t_heldout/source/b"] == 0.2
     table = json.loads(
-        (log.parent / "files" / summary["heldout/path"]).read_text(encoding="utf-8")
+        (log.parent / "files" / summary["heldout_table/path"]).read_text(
+            encoding="utf-8"
+        )
     )
     assert table["columns"] == ["model", "t_heldout"]
     labels = [row[0] for row in table["data"]]
