@@ -1,0 +1,243 @@
+"""``summary.json``: what a finished run found, and reading a run directory back."""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..state import HISTORY_FILE, Result
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.yml"
+BEST_FILE = "best.yml"
+SUMMARY_FILE = "summary.json"
+FINAL_DIR = "final"
+
+
+def _space_facts(config: Any, space: Any) -> dict[str, Any]:
+    """What names a space's baselines: its type, the merge method of a parameter
+    space, the path-search models of a data-flow space."""
+    facts: dict[str, Any] = {"type": config.space.type}
+    method = getattr(config.space, "method", None)
+    if isinstance(method, str):
+        facts["method"] = method
+    models = getattr(space, "models", None)
+    if config.space.type == "dataflow" and models:
+        facts["models"] = [m.name for m in models]
+    return facts
+
+
+def summarize(
+    config: Any,
+    space: Any,
+    results: Sequence[Result],
+    best: Result,
+    heldout: dict[str, Any],
+    wall_seconds: float,
+    fitness_references: Mapping[str, Mapping[str, float]] | None = None,
+) -> dict[str, Any]:
+    """The content of ``summary.json``.
+
+    Args:
+        config: The run's ``RunConfig``.
+        space: Its search space.
+        results: Every result, in index order.
+        best: The best successful result.
+        heldout: ``{"best": {...}, "sources": {name: {...}}, "baselines": {...}}``.
+        wall_seconds: Time spent in the run, over all resumes.
+        fitness_references: Fitness of the sources and baselines where the run
+            scored them on the fitness tasks: ``{"sources": {name: fitness},
+            "baselines": {name: fitness}}``; drawn as reference lines and tabled.
+
+    Returns:
+        The summary (JSON-serializable).
+    """
+    ok = [r for r in results if r.ok]
+    fitness: dict[str, Any] = {
+        "best": best.fitness,
+        "best_index": best.index,
+        "best_generation": best.generation,
+        "tasks": [t.task for t in config.fitness.tasks],
+    }
+    for group in ("sources", "baselines"):
+        if fitness_references and fitness_references.get(group):
+            fitness[group] = dict(fitness_references[group])
+    sources = [
+        m.name for m in getattr(getattr(space, "sources", None), "models", None) or ()
+    ]
+    from .tables import baseline_description
+
+    facts = {"space": _space_facts(config, space), "sources": sources}
+    names = [*heldout.get("baselines", {}), *fitness.get("baselines", {})]
+    summary: dict[str, Any] = {
+        "name": config.name,
+        "config_hash": config.config_hash(),
+        "space": {"type": config.space.type, "dim": space.dim},
+        "sources": sources,
+        # What each baseline is, in words: its name alone means different merges
+        # in different spaces (docs/report.md).
+        "baselines": {
+            name: baseline_description(name, facts) for name in dict.fromkeys(names)
+        },
+        "optimizer": {"type": config.optimizer.type, "seed": config.optimizer.seed},
+        "evaluations": len(results),
+        "failed": len(results) - len(ok),
+        "wall_seconds": round(wall_seconds, 2),
+        "seconds_per_candidate": {
+            "build": round(statistics.fmean(r.build_seconds for r in ok), 4)
+            if ok
+            else None,
+            "eval": round(statistics.fmean(r.eval_seconds for r in ok), 4)
+            if ok
+            else None,
+        },
+        "fitness": fitness,
+        "best_genes": best.genes,
+        "heldout": {"tasks": [t.task for t in config.heldout.tasks], **heldout},
+    }
+    return summary
+
+
+def write_summary(summary: Mapping[str, Any], path: Path) -> None:
+    """Writes ``summary.json`` atomically (a temporary file, then a rename).
+
+    Args:
+        summary: The summary.
+        path: Where to write it.
+    """
+    path = Path(path)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(
+        json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
+    tmp.replace(path)
+
+
+@dataclass
+class RunRecord:
+    """What a run directory holds, read back (each part None or empty if missing).
+
+    Attributes:
+        run_dir: The run directory.
+        config: ``config.yml`` as a mapping.
+        summary: ``summary.json``.
+        results: ``history.jsonl``, in index order.
+        best_yaml: The text of ``best.yml``.
+    """
+
+    run_dir: Path
+    config: dict[str, Any] | None = None
+    summary: dict[str, Any] | None = None
+    results: list[Result] = field(default_factory=list)
+    best_yaml: str | None = None
+
+    @property
+    def name(self) -> str:
+        for source in (self.summary, self.config):
+            if source and source.get("name"):
+                return str(source["name"])
+        return self.run_dir.name
+
+    @property
+    def space_type(self) -> str | None:
+        if self.summary:
+            return self.summary.get("space", {}).get("type")
+        if self.config:
+            return (self.config.get("space") or {}).get("type")
+        return None
+
+    @property
+    def final_dir(self) -> Path:
+        """The merged model: ``final/``, or where a hybrid's summary points."""
+        relative = (self.summary or {}).get("final_dir", FINAL_DIR)
+        return self.run_dir / relative
+
+
+def complete_summary(
+    summary: dict[str, Any], config: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """Adds what reports need to name baselines, where a summary lacks it (written
+    before it was recorded, or by a hybrid), from the run's ``config.yml``: the
+    merge method, the path-search models, the source names. Nothing is overwritten.
+
+    Args:
+        summary: A ``summary.json`` mapping (changed in place).
+        config: The run's config as a mapping, or None.
+
+    Returns:
+        ``summary``.
+    """
+    if not config:
+        return summary
+    space = summary.setdefault("space", {})
+    space_config = config.get("space") or {}
+    source_names = [
+        m["name"]
+        for m in (config.get("sources") or {}).get("models") or []
+        if isinstance(m, Mapping) and "name" in m
+    ]
+    if space.get("type") == "parameter" and space_config.get("method"):
+        space.setdefault("method", space_config["method"])
+    if space.get("type") == "dataflow":
+        space.setdefault("models", space_config.get("models") or source_names)
+    if space.get("type") == "hybrid":
+        ps_space = (space_config.get("ps") or {}).get("space") or {}
+        if ps_space.get("method"):
+            space.setdefault("ps", {}).setdefault("method", ps_space["method"])
+    elif source_names:
+        summary.setdefault("sources", source_names)
+    return summary
+
+
+def read_results(run_dir: Path) -> list[Result]:
+    """Every complete line of ``history.jsonl``, in index order.
+
+    Unlike :meth:`mergekit_evolve.state.History.read` this never truncates the file:
+    a report must not change the run it reads.
+    """
+    path = Path(run_dir) / HISTORY_FILE
+    if not path.is_file():
+        return []
+    results = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.endswith("\n"):
+                break  # cut short by a kill; the loop drops it on resume
+            try:
+                results.append(Result.from_json(line))
+            except (json.JSONDecodeError, TypeError):
+                logger.warning("%s: skipped an unreadable line", path)
+    return sorted(results, key=lambda r: r.index)
+
+
+def load_run(run_dir: Path) -> RunRecord:
+    """Reads a run directory (finished or not).
+
+    Args:
+        run_dir: The run directory.
+
+    Returns:
+        Its :class:`RunRecord`.
+    """
+    run_dir = Path(run_dir)
+    record = RunRecord(run_dir=run_dir, results=read_results(run_dir))
+    if (run_dir / CONFIG_FILE).is_file():
+        record.config = yaml.safe_load(
+            (run_dir / CONFIG_FILE).read_text(encoding="utf-8")
+        )
+    if (run_dir / SUMMARY_FILE).is_file():
+        record.summary = complete_summary(
+            json.loads((run_dir / SUMMARY_FILE).read_text(encoding="utf-8")),
+            record.config,
+        )
+    if (run_dir / BEST_FILE).is_file():
+        record.best_yaml = (run_dir / BEST_FILE).read_text(encoding="utf-8")
+    return record
