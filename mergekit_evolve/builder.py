@@ -157,7 +157,8 @@ class Builder:
         )
 
     def save(self, config: MergeConfiguration, out_dir: str | Path) -> Path:
-        """Writes the merged model (with tokenizer) to ``out_dir`` with ``run_merge``."""
+        """Writes the merged model (with tokenizer) to ``out_dir`` with
+        ``run_merge``."""
         out_dir = Path(out_dir)
         # With an assembler, the merged text model is written aside and then
         # reassembled (e.g. into a VLM checkpoint) at out_dir.
@@ -253,7 +254,8 @@ class Builder:
         missing = self._unwritten(model, written)
         if missing:
             raise BuildError(
-                f"the merge produced no value for {sorted(missing)[:3]} ({len(missing)} tensors)"
+                f"the merge produced no value for {sorted(missing)[:3]} "
+                f"({len(missing)} tensors)"
             )
         return model
 
@@ -276,7 +278,8 @@ class Builder:
 
     @staticmethod
     def _unwritten(model: transformers.PreTrainedModel, written: set[str]) -> set[str]:
-        """Parameters no merged tensor was copied into (tied weights count as written)."""
+        """Parameters no merged tensor was copied into (tied weights count as
+        written)."""
         by_storage = {}
         for name, tensor in model.state_dict().items():
             by_storage.setdefault(tensor.data_ptr(), []).append(name)

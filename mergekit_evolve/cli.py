@@ -45,8 +45,9 @@ Examples:
   mergekit-evolve configs/toy_ja_math.yml --output runs/demo --resume
   mergekit-evolve configs/ja_math.yml --dry-run
 
+\b
 Flags of mergekit's deprecated mergekit-evolve (--storage-path, --max-fevals,
---random-seed, ...) are accepted too; docs/legacy.md lists them.
+--random-seed, --wandb ...) are accepted too; docs/legacy.md lists them.
 """
 
 
@@ -59,6 +60,10 @@ def configure_logging(verbosity: int) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # The console shows `ours`; run.log (rundir.log_to_file) takes INFO whatever
+    # this says, so the console's handler filters rather than the package logger.
+    for handler in logging.getLogger().handlers:
+        handler.setLevel(ours)
     logging.getLogger("mergekit_evolve").setLevel(ours)
     libraries = logging.INFO if verbosity >= 2 else logging.ERROR
     for name in LIBRARY_LOGGERS:
@@ -110,12 +115,29 @@ def merge_flag_aliases(ours: dict[str, Any], legacy: dict[str, Any]) -> dict[str
     return merged
 
 
+class OneLineErrors(click.Command):
+    """A click command whose usage errors are one line (``UsageError: ...``, exit
+    2) like every other bad input, instead of click's usage block."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs.pop("standalone_mode", None)
+        try:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.Exit as e:
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            click.echo(f"UsageError: {e.format_message()}", err=True)
+            sys.exit(e.exit_code)
+
+
 def _legacy(*names: str, **kwargs: Any):
     return click.option(*names, hidden=True, **kwargs)
 
 
 @click.command(
-    context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXAMPLES
+    cls=OneLineErrors,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    epilog=EXAMPLES,
 )
 @click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
 @click.option(
@@ -159,6 +181,20 @@ def _legacy(*names: str, **kwargs: Any):
     "YAML; build nothing.",
 )
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@click.option(
+    "--wandb",
+    is_flag=True,
+    default=None,
+    help="Track the run with Weights & Biases (tracking.wandb).",
+)
+@click.option("--wandb-project", help="W&B project (implies --wandb).")
+@click.option("--wandb-entity", help="W&B entity, user or team (implies --wandb).")
+@click.option(
+    "--tensorboard",
+    is_flag=True,
+    default=None,
+    help="Write TensorBoard event files (tracking.tensorboard).",
+)
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
 @_legacy("--storage-path", type=click.Path(file_okay=False, path_type=Path))
 @_legacy("--max-fevals", type=click.IntRange(min=1))
@@ -186,6 +222,10 @@ def main(
     cuda,
     dry_run,
     no_progress,
+    wandb,
+    wandb_project,
+    wandb_entity,
+    tensorboard,
     verbose,
     **legacy,
 ) -> None:
@@ -193,8 +233,7 @@ def main(
     config of mergekit's deprecated mergekit-evolve)."""
     configure_logging(verbose)
     if (repair or retry_failed) and not resume:
-        click.echo("UsageError: --repair and --retry-failed go with --resume", err=True)
-        sys.exit(2)
+        raise click.UsageError("--repair and --retry-failed go with --resume")
     where: dict[str, str] = {}  # the run directory, once known (for the resume hint)
     signal.signal(signal.SIGTERM, _terminate)
     try:
@@ -203,6 +242,14 @@ def main(
             legacy,
         )
         extra = {field: legacy[name] for name, field in LEGACY_FIELDS.items()}
+        extra.update(
+            {
+                "tracking.wandb": True if (wandb_project or wandb_entity) else wandb,
+                "tracking.wandb_project": wandb_project,
+                "tracking.wandb_entity": wandb_entity,
+                "tracking.tensorboard": tensorboard,
+            }
+        )
         _run(
             config,
             flags,
@@ -279,7 +326,8 @@ def _run(
 
         if not torch.cuda.is_available():
             raise ConfigError(
-                "builder.cuda: CUDA was asked for, but torch sees no GPU (use --no-cuda)"
+                "builder.cuda: CUDA was asked for, but torch sees no GPU (use "
+                "--no-cuda)"
             )
     from .api import make_evolution
 
@@ -302,7 +350,8 @@ def _run(
 
 
 def _print_dry_run(config, evolution) -> None:
-    """One block per search (a hybrid has two stages): space, budget, first candidate."""
+    """One block per search (a hybrid has two stages): space, budget, first
+    candidate."""
     if config.space.type == "hybrid":
         stages = [
             (f"stage {stage}: ", evolution.stage_config(stage), report)

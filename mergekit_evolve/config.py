@@ -32,7 +32,8 @@ from .strict import (
     format_validation_error,
     resolve_path,
 )
-from .vlm import VlmConfig
+from .tracking import TrackingConfig
+from .vlm.config import VlmConfig
 
 
 class ToyZooConfig(StrictModel):
@@ -221,7 +222,8 @@ class RunnerConfig(StrictModel):
         # almost certainly forgot `type: ray`, and would silently run on one core.
         if self.type == "serial" and self.workers != 1:
             raise ValueError(
-                f"workers: {self.workers} workers need type: ray (the serial runner has one)"
+                f"workers: {self.workers} workers need type: ray (the serial runner "
+                "has one)"
             )
         if self.type == "serial" and self.address is not None:
             raise ValueError("address: a Ray cluster address needs type: ray")
@@ -290,7 +292,8 @@ class HybridPsConfig(StrictModel):
     def _one_source(self) -> HybridPsConfig:
         if (self.from_run is None) == (self.space is None):
             raise ValueError(
-                "give either from_run (an earlier run) or space (a PS stage to run), not both or neither"
+                "give either from_run (an earlier run) or space (a PS stage to run), "
+                "not both or neither"
             )
         if self.from_run is not None and self.optimizer is not None:
             raise ValueError(
@@ -335,7 +338,8 @@ class HybridSpaceConfig(StrictModel):
             )
         if self.dfs.models is not None and self.dfs.models[0] != self.ps_name:
             raise ValueError(
-                f"dfs.models: must start with the PS model {self.ps_name!r} (the search "
+                f"dfs.models: must start with the PS model {self.ps_name!r} (the "
+                "search "
                 f"starts from its own layer stack), got {self.dfs.models}"
             )
         return self
@@ -365,6 +369,7 @@ class RunConfig(StrictModel):
     builder: BuilderConfig = Field(default_factory=BuilderConfig)
     runner: RunnerConfig = Field(default_factory=RunnerConfig)
     output: OutputConfig
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
     def _budget(self) -> RunConfig:
@@ -397,13 +402,17 @@ class RunConfig(StrictModel):
         return "cuda" if self.builder.cuda else "cpu"
 
     def config_hash(self) -> str:
-        """Hash of everything that decides the search (not output or runner settings)."""
-        relevant = self.model_dump(mode="json", exclude={"output", "runner", "heldout"})
+        """Hash of everything that decides the search (not output or runner
+        settings)."""
+        relevant = self.model_dump(
+            mode="json", exclude={"output", "runner", "heldout", "tracking"}
+        )
         relevant["optimizer"].pop("max_evals")  # a resumed run may extend its budget
         return content_hash(relevant)
 
     def with_overrides(self, **updates: Any) -> RunConfig:
-        """A copy with dotted-path overrides (``{"optimizer.seed": 3}``), re-validated."""
+        """A copy with dotted-path overrides (``{"optimizer.seed": 3}``),
+        re-validated."""
         data = self.model_dump(mode="python")
         for dotted, value in updates.items():
             node = data

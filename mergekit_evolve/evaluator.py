@@ -92,7 +92,8 @@ class Evaluator:
         self._lm_model = None
 
     def _configure_tasks(self) -> None:
-        """Applies the suite's generation and few-shot settings, as simple_evaluate does."""
+        """Applies the suite's generation and few-shot settings, as simple_evaluate
+        does."""
         for task in self.task_dict["tasks"].values():
             if (
                 self.suite.gen_kwargs

@@ -7,8 +7,10 @@ driven by :class:`~mergekit_evolve.loop.Evolution`::
 
     <output.dir>/
       config.yml      the hybrid config as validated
-      ps/             the PS stage (absent with ``ps.from_run``): history, best.yml, final/
-      dfs/            the DFS stage over ps/final (or the earlier run's final/) and sources
+      ps/             the PS stage (absent with ``ps.from_run``): history, best.yml,
+                      final/
+      dfs/            the DFS stage over ps/final (or the earlier run's final/) and
+                      sources
       hybrid.json     which PS model the DFS stage started from (its best.yml digest)
       best.yml        the result's recipe: the DFS stage's best (a passthrough config),
                       or the PS best when the DFS stage did not beat it by min_gain
@@ -52,7 +54,7 @@ from .config import HybridSpaceConfig, RunConfig, validate_config
 from .errors import ConfigError, MergekitEvolveError, ResumeError
 from .loop import DryRun, Evolution
 from .optimizer import Optimizer
-from .prepare import make_builder
+from .prepare import make_builder, planned_model_config
 from .rundir import (
     BEST_FILE,
     CONFIG_FILE,
@@ -105,54 +107,6 @@ class X0FirstOptimizer(Optimizer):
         self.inner.tell(state, candidates, fitness)
 
 
-def planned_model_config(
-    merge_config, configs: dict[str, dict[str, Any]]
-) -> dict[str, Any]:
-    """The ``config.json`` that merging ``merge_config`` will write, before it exists.
-
-    mergekit copies the base model's config (else a referenced model's; we take the
-    first one named, which agrees with the others on everything a merge requires),
-    sets the depth of a layer stack, and the vocabulary size of a tokenizer source.
-
-    Args:
-        merge_config: A mergekit ``MergeConfiguration``.
-        configs: ``config.json`` of every model it names, by path.
-
-    Raises:
-        ConfigError: a model it names has no known config.
-    """
-
-    def config_of(reference) -> dict[str, Any]:
-        path = reference.model.path
-        if path not in configs:
-            raise ConfigError(f"no config.json known for {path}")
-        return configs[path]
-
-    if merge_config.base_model is not None:
-        donor = merge_config.base_model
-    elif merge_config.models:
-        donor = merge_config.models[0].model
-    else:
-        donor = merge_config.slices[0].sources[0].model
-    planned = json.loads(json.dumps(config_of(donor)))  # a deep copy
-    if merge_config.slices:
-        depth = sum(
-            s.sources[0].layer_range[1] - s.sources[0].layer_range[0]
-            for s in merge_config.slices
-        )
-        planned["num_hidden_layers"] = depth
-    tokenizer = (
-        merge_config.tokenizer.source
-        if merge_config.tokenizer
-        else merge_config.tokenizer_source
-    )
-    if tokenizer is not None and not isinstance(
-        tokenizer, str
-    ):  # a model, not base/union
-        planned["vocab_size"] = config_of(tokenizer)["vocab_size"]
-    return planned
-
-
 def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
@@ -200,7 +154,8 @@ class HybridEvolution:
         names = [m.name for m in config.sources.models]
         if self.hybrid.ps_name in names:
             raise ConfigError(
-                f"space.ps_name: {self.hybrid.ps_name!r} is also a source model's name; choose another"
+                f"space.ps_name: {self.hybrid.ps_name!r} is also a source model's "
+                "name; choose another"
             )
         self.ps_evolution: Evolution | None = None
         if self.hybrid.ps.space is not None:
@@ -276,7 +231,8 @@ class HybridEvolution:
         best = given / BEST_FILE if given.is_dir() else given
         if not best.is_file():
             raise ConfigError(
-                f"space.ps.from_run: {best} not found (expected a finished run or its best.yml)"
+                f"space.ps.from_run: {best} not found (expected a finished run or "
+                "its best.yml)"
             )
         final = best.parent / FINAL_DIR
         if (final / "config.json").is_file():
@@ -321,7 +277,8 @@ class HybridEvolution:
         start = space.decode_path(space.x0(self.dfs_config.optimizer.x0))
         if start != space.identity_path(self.hybrid.ps_name):
             raise ConfigError(
-                "space.dfs: the DFS stage's x0 does not decode to the PS model's own layer stack"
+                "space.dfs: the DFS stage's x0 does not decode to the PS model's own "
+                "layer stack"
             )
         evolution.optimizer = X0FirstOptimizer(evolution.optimizer)
         return evolution
@@ -394,8 +351,10 @@ class HybridEvolution:
             if not _stage_done(ps_dir, self.ps_config):
                 if dfs_started:
                     raise ResumeError(
-                        f"{run_dir}: the DFS stage started from the PS stage's result; the PS stage "
-                        "cannot go on (a larger PS budget?) without changing that model; use a new --output"
+                        f"{run_dir}: the DFS stage started from the PS stage's "
+                        "result; the PS stage "
+                        "cannot go on (a larger PS budget?) without changing that "
+                        "model; use a new --output"
                     )
                 logger.info("hybrid: PS stage in %s", ps_dir)
                 ps_started = (ps_dir / STATE_FILE).is_file()
@@ -418,6 +377,12 @@ class HybridEvolution:
         )
         shutil.copyfile(best, run_dir / BEST_FILE)
         report.write_summary(summary, run_dir / SUMMARY_FILE)
+        report.write_run_outputs(
+            run_dir,
+            plots=self.config.output.plots,
+            card=self.config.output.save_final,
+            merge_seed=self.config.merge_seed,
+        )
         return summary
 
     def _materialize(self, best: Path, out: Path) -> None:
@@ -449,7 +414,8 @@ class HybridEvolution:
             )
             if recorded != digest:
                 raise ResumeError(
-                    f"{self.run_dir}: the DFS stage started from another PS model (best.yml digest "
+                    f"{self.run_dir}: the DFS stage started from another PS model "
+                    "(best.yml digest "
                     f"{recorded}, now {digest}); use a new --output"
                 )
             return
@@ -461,114 +427,37 @@ class HybridEvolution:
         path.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
     def _summarize(self) -> dict[str, Any]:
-        """The final stage's summary: the DFS stage's, with the PS stage, the
-        held-out rows of both, and which of the two models is the hybrid's result."""
+        """The hybrid's summary from its stages' files (see
+        :func:`~mergekit_evolve.report.hybrid_summary`)."""
         dfs = json.loads(
             (self.run_dir / DFS_DIR / SUMMARY_FILE).read_text(encoding="utf-8")
         )
-        # Candidate 0 is the PS model (X0FirstOptimizer); lines are in completion order.
-        first = next(r for r in History(self.run_dir / DFS_DIR).read() if r.index == 0)
-        ps_fitness = first.fitness if first.ok else None
-        gain = None if ps_fitness is None else dfs["fitness"]["best"] - ps_fitness
-        # Selection uses fitness only: choosing by held-out scores would stop them
-        # being held out.
-        selected = DFS_DIR if gain is None or gain > self.hybrid.min_gain else PS_DIR
-
-        ps_heldout = self._ps_heldout() or {}
-        dfs_heldout = dfs.get("heldout", {})
-        heldout: dict[str, Any] = {"tasks": [t.task for t in self.config.heldout.tasks]}
-        # Without a PS summary, the DFS stage scored the PS model as one of its sources.
-        sources = dict(ps_heldout.get("sources") or dfs_heldout.get("sources") or {})
-        ps_as_source = sources.pop(self.hybrid.ps_name, None)
-        ps_scores = ps_heldout.get("best") or ps_as_source
-        if sources:
-            heldout["sources"] = sources
-        if ps_heldout.get("baselines"):
-            heldout["baselines"] = ps_heldout["baselines"]
-        stage_scores = {PS_DIR: ps_scores, DFS_DIR: dfs_heldout.get("best")}
-        heldout["stages"] = {k: v for k, v in stage_scores.items() if v is not None}
-        if stage_scores[selected] is not None:
-            heldout["best"] = stage_scores[selected]
-
-        dfs_vs_ps: dict[str, Any] = {"fitness": gain, "heldout": {}}
-        if ps_scores is not None and stage_scores[DFS_DIR] is not None:
-            dfs_vs_ps["heldout"] = {
-                t: v - ps_scores[t]
-                for t, v in stage_scores[DFS_DIR].items()
-                if t in ps_scores
-            }
-        target = heldout["tasks"][0] if heldout["tasks"] else None
-        drop = dfs_vs_ps["heldout"].get(target, 0.0) if target else 0.0
-        if selected == PS_DIR:
-            logger.warning(
-                "hybrid: kept the PS model: the DFS stage's best gains %+.4f fitness, not more "
-                "than min_gain %.4f",
-                gain or 0.0,
-                self.hybrid.min_gain,
-            )
-        elif drop < 0:
-            logger.warning(
-                "hybrid: the DFS best is fitter than the PS model (%+.4f) but scores %+.4f on "
-                "the held-out %s; reported as is",
-                gain or 0.0,
-                drop,
-                target,
-            )
-
-        stages: dict[str, Any] = {}
+        ps = None
         if self.ps_evolution is not None:
             ps = json.loads(
                 (self.run_dir / PS_DIR / SUMMARY_FILE).read_text(encoding="utf-8")
             )
-            stages[PS_DIR] = {
-                "dir": PS_DIR,
-                "evaluations": ps["evaluations"],
-                "fitness": ps["fitness"]["best"],
-                "wall_seconds": ps["wall_seconds"],
-            }
-        else:
-            stages[PS_DIR] = {"from_run": str(self.ps_best_file)}
-        stages[PS_DIR].update(model=str(self.ps_path), fitness_in_dfs_stage=ps_fitness)
-        stages[DFS_DIR] = {
-            "dir": DFS_DIR,
-            "evaluations": dfs["evaluations"],
-            "fitness": dfs["fitness"]["best"],
-            "wall_seconds": dfs["wall_seconds"],
-        }
-        summary = {
-            **dfs,
-            "name": self.config.name,
-            "config_hash": self.config.config_hash(),
-            "space": {
-                "type": "hybrid",
-                "dim": dfs["space"]["dim"],
-                "dfs": dfs["space"],
-            },
-            "wall_seconds": round(
-                sum(s.get("wall_seconds", 0.0) for s in stages.values()), 2
-            ),
-            "stages": stages,
-            "selected": selected,
-            "min_gain": self.hybrid.min_gain,
-            "final_dir": f"{DFS_DIR}/{FINAL_DIR}",
-            "heldout": heldout,
-            "dfs_vs_ps": dfs_vs_ps,
-        }
-        if selected == PS_DIR:
-            # The PS model as scored in the DFS stage (candidate 0), and its own files.
-            summary["fitness"] = {
-                **dfs["fitness"],
-                "best": ps_fitness,
-                "best_index": 0,
-                "best_generation": 0,
-            }
-            summary["best_genes"] = first.genes
-            summary["final_dir"] = (
-                str(self.ps_path.relative_to(self.run_dir.resolve()))
-                if self.ps_path.is_relative_to(self.run_dir.resolve())
+        # Candidate 0 is the PS model (X0FirstOptimizer).
+        first = next(r for r in History(self.run_dir / DFS_DIR).read() if r.index == 0)
+        run_dir = self.run_dir.resolve()
+        return report.hybrid_summary(
+            name=self.config.name,
+            config_hash=self.config.config_hash(),
+            heldout_tasks=[t.task for t in self.config.heldout.tasks],
+            dfs=dfs,
+            ps=ps,
+            ps_heldout=self._ps_heldout(),
+            ps_as_candidate=first,
+            ps_name=self.hybrid.ps_name,
+            min_gain=self.hybrid.min_gain,
+            ps_best_file=str(self.ps_best_file),
+            ps_model=(
+                str(self.ps_path.relative_to(run_dir))
+                if self.ps_path.is_relative_to(run_dir)
                 else str(self.ps_path)
-            )
-        return summary
+            ),
+            ps_model_path=str(self.ps_path),
+        )
 
 
 def _stage_done(stage_dir: Path, config: RunConfig) -> bool:
@@ -580,4 +469,4 @@ def _stage_done(stage_dir: Path, config: RunConfig) -> bool:
     return state.finished and len(stage.results()) >= config.optimizer.max_evals
 
 
-__all__ = ["HybridEvolution", "X0FirstOptimizer", "planned_model_config"]
+__all__ = ["HybridEvolution", "X0FirstOptimizer"]

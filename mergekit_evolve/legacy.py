@@ -68,6 +68,14 @@ DEFAULT_RUNS_DIR = "runs"
 def _model_string(value: Any) -> Any:
     """A legacy ``ModelReference`` (string or mapping) as a plain path string."""
     if isinstance(value, dict):
+        if value.get("override_architecture"):
+            # Our sources are plain model folders, and decoded merges name them by
+            # path only: carrying the override would mean merging another model
+            # than the one the legacy config described.
+            raise ValueError(
+                "override_architecture is not supported; save the model with that "
+                "architecture in its config.json and give its folder"
+            )
         if value.get("lora"):
             raise ValueError(
                 "LoRA adapters are not supported; "
@@ -284,7 +292,11 @@ def convert_legacy_config(
     if base_path is not None:
         sources["base_model"] = names[base_path]
     tokenizer = genome.tokenizer_source
-    if tokenizer is not None:
+    if tokenizer is None:
+        # The legacy default, and an explicit null: no tokenizer handling (every
+        # model shares one vocabulary). Our default would be "base".
+        sources["tokenizer_source"] = None
+    else:
         if tokenizer in ("base", "union"):
             sources["tokenizer_source"] = tokenizer
         else:

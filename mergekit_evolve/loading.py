@@ -105,10 +105,10 @@ def load_config(path: str | Path) -> RunConfig:
     Raises:
         ConfigError: the file is missing, is not YAML, or does not validate.
     """
+    path = Path(path)
+    data = read_yaml(path)  # before any heavy import: a typo answers at once
     from .legacy import convert_if_legacy
 
-    path = Path(path)
-    data = read_yaml(path)
     base_dir = path.resolve().parent
     data = convert_if_legacy(data, source=str(path), base_dir=base_dir)
     return parse_config(data, source=str(path), base_dir=base_dir)

@@ -25,12 +25,13 @@ from .evaluator import Evaluator
 from .optimizer import Optimizer, make_optimizer
 from .preflight import check_candidate, check_sources
 from .prepare import PreparedRun, prepare_run
-from .rundir import BEST_FILE, FINAL_DIR, PLOT_FILE, SUMMARY_FILE, RunDir
+from .rundir import BEST_FILE, FINAL_DIR, LOG_FILE, SUMMARY_FILE, RunDir, log_to_file
 from .runners import make_runner
 from .sources import SourceSet
 from .spaces import SearchSpace
 from .state import RunState
 from .study import Study
+from .tracking import TrackerGroup, make_trackers
 from .worker import Worker, make_worker
 
 logger = logging.getLogger(__name__)
@@ -192,6 +193,27 @@ class Evolution:
             retry_failed=retry_failed,
         )
         self.run_dir.write_config(self.config)
+        with log_to_file(self.run_dir / LOG_FILE):
+            logger.info(
+                "%s %s in %s",
+                "resuming" if resume else "starting",
+                self.config.name,
+                self.run_dir.path,
+            )
+            trackers = make_trackers(self.config.tracking, self.run_dir.path)
+            trackers.start(
+                self.config.name, self.config.model_dump(mode="json"), self.run_dir.path
+            )
+            try:
+                summary = self._evaluate_all(study, worker, trackers)
+            finally:
+                trackers.finish()
+        study.finish()
+        return summary
+
+    def _evaluate_all(
+        self, study: Study, worker: Worker, trackers: TrackerGroup
+    ) -> dict[str, Any]:
         runner = make_runner(self.config, self.sources, worker)
         self._runner_stats = getattr(runner, "stats", None)
         bar = tqdm(
@@ -211,11 +233,13 @@ class Evolution:
                     study.record(result)
                     bar.update(0 if retried else 1)
                     self._show_best(bar, study)
+                    best = study.best
+                    trackers.log_candidate(
+                        result, best.fitness if best else None, len(study.results) - 1
+                    )
                     if study.state.generation > generation:
                         _stop_if_all_failed(study, generation)
-        summary = self._finish(study, worker.builder)
-        study.finish()
-        return summary
+        return self._finish(study, worker.builder, trackers)
 
     @staticmethod
     def _show_best(bar: tqdm, study: Study) -> None:
@@ -227,7 +251,9 @@ class Evolution:
 
     # -- final outputs --------------------------------------------------------------
 
-    def _finish(self, study: Study, builder: Builder) -> dict[str, Any]:
+    def _finish(
+        self, study: Study, builder: Builder, trackers: TrackerGroup
+    ) -> dict[str, Any]:
         best = study.best
         if best is None:
             raise MergekitEvolveError(
@@ -248,11 +274,10 @@ class Evolution:
         heldout = self._heldout(best_config, builder)
         if self.config.output.save_final:
             final = self.run_dir / FINAL_DIR
+            logger.info("saving the best model to %s", final)
             shutil.rmtree(final, ignore_errors=True)
             builder.save(best_config, final)
         ordered = study.history()
-        if self.config.output.plots:
-            report.plot_fitness(ordered, self.run_dir / PLOT_FILE)
         summary = report.summarize(
             self.config,
             self.space,
@@ -266,6 +291,14 @@ class Evolution:
         if self._runner_stats is not None:
             summary["runner"] = self._runner_stats()
         report.write_summary(summary, self.run_dir / SUMMARY_FILE)
+        logger.info("writing plots and the model card")
+        plots = report.write_run_outputs(
+            self.run_dir.path,
+            plots=self.config.output.plots,
+            card=self.config.output.save_final,
+            merge_seed=self.config.merge_seed,
+        )
+        trackers.log_final(summary, plots)
         return summary
 
     def _heldout(self, best_config, builder: Builder) -> dict[str, Any]:
@@ -275,20 +308,35 @@ class Evolution:
             return {}
         evaluator = self._heldout_evaluator()
 
-        def score(built) -> dict[str, float]:
-            metrics = evaluator.evaluate(built.model, built.tokenizer).metrics
-            return objective.scores(metrics, suite.tasks)
-
-        out: dict[str, Any] = {"best": score(builder.build(best_config))}
+        # (section, name, how to get the model): the best, every source, every
+        # baseline. On 7B models each is minutes: a bar shows which one is scored.
+        jobs: list[tuple[str | None, str, Any]] = [
+            (None, "best", lambda: builder.build(best_config))
+        ]
         if suite.sources:
-            out["sources"] = {
-                m.name: score(builder.load(m.path)) for m in self.sources.models
-            }
+            jobs += [
+                ("sources", m.name, lambda m=m: builder.load(m.path))
+                for m in self.sources.models
+            ]
         if suite.baselines:
-            out["baselines"] = {
-                name: score(builder.build(cfg))
+            jobs += [
+                ("baselines", name, lambda cfg=cfg: builder.build(cfg))
                 for name, cfg in self.space.baselines().items()
-            }
+            ]
+        out: dict[str, Any] = {}
+        bar = tqdm(
+            jobs, desc="held-out", unit="model", disable=not self.progress, leave=False
+        )
+        for section, name, make in bar:
+            bar.set_postfix_str(name, refresh=True)
+            logger.info("held-out: scoring %s", name)
+            built = make()
+            metrics = evaluator.evaluate(built.model, built.tokenizer).metrics
+            scores = objective.scores(metrics, suite.tasks)
+            if section is None:
+                out[name] = scores
+            else:
+                out.setdefault(section, {})[name] = scores
         return out
 
 

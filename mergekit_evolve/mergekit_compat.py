@@ -38,7 +38,8 @@ def output_model_config(
     config: MergeConfiguration, arch_info: Any, trust_remote_code: bool = False
 ) -> transformers.PretrainedConfig:
     """The config mergekit would write for the merged model (depth updated for
-    layer stacks). mergekit has no public function for it; ``run_merge`` uses this one."""
+    layer stacks). mergekit has no public function for it; ``run_merge`` uses this
+    one."""
     from mergekit.merge import _model_out_config
 
     return _model_out_config(config, arch_info, trust_remote_code=trust_remote_code)

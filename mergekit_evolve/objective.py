@@ -18,12 +18,14 @@ def task_score(metrics: Metrics, spec: TaskSpec) -> float:
     """
     if spec.task not in metrics:
         raise EvalError(
-            f"lm-eval returned no results for task {spec.task!r} (got: {sorted(metrics)})"
+            f"lm-eval returned no results for task {spec.task!r} (got: "
+            f"{sorted(metrics)})"
         )
     results = metrics[spec.task]
     if spec.key not in results:
         raise EvalError(
-            f"task {spec.task!r} has no metric {spec.key!r} (available: {sorted(results)})"
+            f"task {spec.task!r} has no metric {spec.key!r} (available: "
+            f"{sorted(results)})"
         )
     return float(results[spec.key])
 

@@ -10,6 +10,7 @@ writes nothing and plans those models from the configs they will have.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -138,3 +139,51 @@ def make_evaluator(config: RunConfig, suite: EvalSuiteConfig) -> Evaluator:
         multimodal=config.vlm is not None,
         field=field,
     )
+
+
+def planned_model_config(
+    merge_config, configs: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    """The ``config.json`` that merging ``merge_config`` will write, before it exists.
+
+    mergekit copies the base model's config (else a referenced model's; we take the
+    first one named, which agrees with the others on everything a merge requires),
+    sets the depth of a layer stack, and the vocabulary size of a tokenizer source.
+
+    Args:
+        merge_config: A mergekit ``MergeConfiguration``.
+        configs: ``config.json`` of every model it names, by path.
+
+    Raises:
+        ConfigError: a model it names has no known config.
+    """
+
+    def config_of(reference) -> dict[str, Any]:
+        path = reference.model.path
+        if path not in configs:
+            raise ConfigError(f"no config.json known for {path}")
+        return configs[path]
+
+    if merge_config.base_model is not None:
+        donor = merge_config.base_model
+    elif merge_config.models:
+        donor = merge_config.models[0].model
+    else:
+        donor = merge_config.slices[0].sources[0].model
+    planned = json.loads(json.dumps(config_of(donor)))  # a deep copy
+    if merge_config.slices:
+        depth = sum(
+            s.sources[0].layer_range[1] - s.sources[0].layer_range[0]
+            for s in merge_config.slices
+        )
+        planned["num_hidden_layers"] = depth
+    tokenizer = (
+        merge_config.tokenizer.source
+        if merge_config.tokenizer
+        else merge_config.tokenizer_source
+    )
+    if tokenizer is not None and not isinstance(
+        tokenizer, str
+    ):  # a model, not base/union
+        planned["vocab_size"] = config_of(tokenizer)["vocab_size"]
+    return planned

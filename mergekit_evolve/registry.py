@@ -45,7 +45,8 @@ class Registry(Generic[T]):
     def unknown_message(self, name: str) -> str:
         close = difflib.get_close_matches(name, self._items, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        return f"unknown {self.kind} {name!r} (known: {', '.join(sorted(self._items))}){hint}"
+        known = ", ".join(sorted(self._items))
+        return f"unknown {self.kind} {name!r} (known: {known}){hint}"
 
     def names(self) -> list[str]:
         return sorted(self._items)

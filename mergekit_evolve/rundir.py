@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.yml"
 STATE_FILE = "state.pkl"
+LOG_FILE = "run.log"
 HISTORY_FILE = "history.jsonl"
 REJECTED_FILE = "history.rejected.jsonl"
 LOCK_FILE = ".lock"
@@ -61,6 +62,28 @@ def atomic_write(path: str | Path, data: bytes | str) -> None:
 def write_json(path: str | Path, data: Any) -> None:
     """``data`` as indented UTF-8 JSON with a final newline, atomically."""
     atomic_write(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+@contextmanager
+def log_to_file(path: str | Path) -> Iterator[None]:
+    """Copies this package's log records at INFO and above into ``path`` (appended,
+    so a resumed run continues it), whatever the console shows."""
+    package = logging.getLogger("mergekit_evolve")
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setLevel(logging.INFO)
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
+    saved = package.level
+    if package.getEffectiveLevel() > logging.INFO:
+        package.setLevel(logging.INFO)  # the console keeps its own handler level
+    package.addHandler(handler)
+    try:
+        yield
+    finally:
+        package.removeHandler(handler)
+        handler.close()
+        package.setLevel(saved)
 
 
 class HistoryError(ResumeError):

@@ -26,7 +26,8 @@ class ModelSpec(StrictModel):
 
     Attributes:
         name: Short name used in genes and reports (default: the directory name).
-        path: A local model directory, or a hub id (``org/name``) on machines with a hub.
+        path: A local model directory, or a hub id (``org/name``) where a hub is
+            reachable.
     """
 
     name: str
@@ -95,7 +96,8 @@ class SourcesConfig(StrictModel):
             )
         if self.tokenizer_source not in (None, "base", "union", *names):
             raise ValueError(
-                f"tokenizer_source must be 'base', 'union', null or a model name {names}, "
+                "tokenizer_source must be 'base', 'union', null or a model name "
+                f"{names}, "
                 f"got {self.tokenizer_source!r}"
             )
         return self
@@ -115,7 +117,8 @@ class ModelInfo:
 
     Attributes:
         name: Short name used in genes, reports and ``summary.json``.
-        path: Absolute path of the model directory (or a hub id on a machine with a hub).
+        path: Absolute path of the model directory (or a hub id where a hub is
+            reachable).
         config: The parsed ``config.json`` (empty when it could not be read).
     """
 
@@ -125,12 +128,14 @@ class ModelInfo:
 
     @property
     def text_config(self) -> dict[str, Any]:
-        """The language model's config: ``text_config`` for VLMs, else the config itself."""
+        """The language model's config: ``text_config`` for VLMs, else the config
+        itself."""
         return self.config.get("text_config") or self.config
 
     @property
     def is_vlm(self) -> bool:
-        """A vision-language model (LLaVA-style): its text decoder is merged, see vlm.py."""
+        """A vision-language model (LLaVA-style): its text decoder is merged, see
+        vlm.py."""
         return "vision_config" in self.config and "text_config" in self.config
 
     @property
@@ -220,7 +225,8 @@ class SourceSet:
         depths = {m.name: m.num_layers for m in self.models}
         if len(set(depths.values())) != 1:
             raise ConfigError(
-                f"sources.models: parameter-space merges need equal depths, got {depths}"
+                "sources.models: parameter-space merges need equal depths, got "
+                f"{depths}"
             )
         return next(iter(depths.values()))
 
@@ -287,7 +293,8 @@ def _tokenizer_source(config, infos: list[ModelInfo]) -> str | None:
 
 
 def _hub_config(name: str, hub_id: str, index: int) -> dict[str, Any]:
-    """``config.json`` of a hub model (from the local cache, or the hub where reachable)."""
+    """``config.json`` of a hub model (from the local cache, or the hub where
+    reachable)."""
     try:
         from huggingface_hub import hf_hub_download
 
@@ -296,7 +303,9 @@ def _hub_config(name: str, hub_id: str, index: int) -> dict[str, Any]:
         )
     except Exception as e:  # offline, gated, missing: all mean "cannot read it here"
         raise ConfigError(
-            f"sources.models.{index}.path: cannot read config.json of hub model {hub_id!r} "
-            f"({type(e).__name__}); download it, or set sources.model_root / {MODEL_ROOT_ENV} "
+            f"sources.models.{index}.path: cannot read config.json of hub model "
+            f"{hub_id!r} "
+            f"({type(e).__name__}); download it, or set sources.model_root / "
+            f"{MODEL_ROOT_ENV} "
             "to a folder holding it"
         ) from None

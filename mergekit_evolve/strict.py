@@ -38,7 +38,8 @@ class StrictModel(BaseModel):
 
 
 class Bounds(StrictModel):
-    """A closed real interval ``[min, max]``; ``[0, 1]`` is short for ``{min: 0, max: 1}``."""
+    """A closed real interval ``[min, max]``; ``[0, 1]`` is short for
+    ``{min: 0, max: 1}``."""
 
     min: float
     max: float

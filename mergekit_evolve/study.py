@@ -216,7 +216,8 @@ class Study:
                 if list(c.genome) != list(self.results[c.index].genome):
                     raise ResumeError(
                         f"{self.store.path}: cannot rebuild {STATE_FILE} from the "
-                        f"history: candidate {c.index} was {self.results[c.index].genome}"
+                        f"history: candidate {c.index} was "
+                        f"{self.results[c.index].genome}"
                         f" but this config asks {list(c.genome)} (another config or "
                         "version made this run)"
                     )

@@ -1,4 +1,5 @@
-"""Finding lm-eval tasks: the project's own ``evals/`` folder and the config's folders."""
+"""Finding lm-eval tasks: the project's own ``evals/`` folder and the config's
+folders."""
 
 from __future__ import annotations
 

@@ -167,3 +167,64 @@ def test_a_union_vocabulary_builds_on_disk_with_its_own_tokenizer(
     assert not built.in_memory
     assert len(built.tokenizer) == len(tokenizer)
     assert built.model.get_input_embeddings().weight.shape[0] >= len(tokenizer)
+
+
+RANDOMIZED = {
+    "dare_ties": {},
+    "dare_linear": {},
+    "della": {"epsilon": 0.1},
+    "della_linear": {"epsilon": 0.1},
+    "breadcrumbs": {"gamma": 0.01},
+    "breadcrumbs_ties": {"gamma": 0.01},
+}
+
+
+@pytest.mark.parametrize("method", sorted(RANDOMIZED))
+def test_randomized_merges_are_reproducible_with_their_seed(
+    tiny_models, tmp_path, method
+):
+    """Seen on main 3903bf4: no merge seed was set, so final/ and a rebuild of
+    best.yml differed by up to 1.5 from the scored candidate. Now the in-memory
+    candidate, a saved model and mergekit's own run_merge with --random-seed agree
+    bit for bit, and another seed gives other masks."""
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    params = {"weight": 0.7, "density": 0.5, **RANDOMIZED[method]}
+    config = MergeConfiguration.model_validate(
+        {
+            "merge_method": method,
+            "base_model": str(tiny_models["base"]),
+            "models": [
+                {"model": str(tiny_models["a"]), "parameters": params},
+                {"model": str(tiny_models["b"]), "parameters": params},
+            ],
+            "dtype": "float32",
+        }
+    )
+    builder = Builder(tokenizer_path=str(tiny_models["base"]), random_seed=1234)
+    scored = {
+        k: v.clone() for k, v in builder.build(config).model.state_dict().items()
+    }
+    again = builder.build(config).model.state_dict()
+    builder.save(config, tmp_path / "final")
+    run_merge(
+        config,
+        str(tmp_path / "mergekit"),
+        options=MergeOptions(random_seed=1234, write_model_card=False, quiet=True),
+    )
+    final, theirs = (
+        saved_tensors(tmp_path / "final"),
+        saved_tensors(tmp_path / "mergekit"),
+    )
+    assert set(final) == set(theirs) and set(final) <= set(scored)
+    for name in final:
+        assert torch.equal(scored[name], again[name])
+        assert torch.equal(scored[name], final[name]), name
+        assert torch.equal(final[name], theirs[name]), name
+    other = Builder(tokenizer_path=str(tiny_models["base"]), random_seed=99)
+    different = other.build(config).model.state_dict()
+    changed = any(not torch.equal(scored[n], different[n]) for n in final)
+    # DARE and DELLA draw random masks; breadcrumbs (magnitude pruning) draws none
+    # in mergekit 0.1.5, and is checked here for being reproducible all the same.
+    assert changed == method.startswith(("dare", "della"))

@@ -77,7 +77,7 @@ def _break(config: dict, path: str, value) -> dict:
     *parents, leaf = path.split(".")
     node = config
     for key in parents:
-        node = node[int(key)] if isinstance(node, list) else node[key]
+        node = node[int(key)] if isinstance(node, list) else node.setdefault(key, {})
     if value == "DELETE":
         del node[leaf]
     elif isinstance(node, list):
@@ -133,6 +133,56 @@ MALFORMED = [
     ),
     ("zero-budget", "optimizer.max_evals", 0, "optimizer.max_evals"),
     ("bad-dtype", "sources.dtype", "float8", "sources.dtype"),
+    # Seen on main 3903bf4 to pass (exit 0) or crash with a traceback:
+    (
+        "infinite-bound",
+        "space.parameters",
+        {"weight": [0.0, float("inf")]},
+        "space.parameters.weight",
+    ),
+    ("nan-sigma", "optimizer.sigma0", float("nan"), "optimizer.sigma0"),
+    ("nan-x0", "optimizer.x0", float("nan"), "optimizer.x0"),
+    ("zero-task-weight", "fitness.tasks.0.weight", 0, "fitness.tasks.0.weight"),
+    ("inf-task-weight", "fitness.tasks.0.weight", float("inf"), "fitness.tasks.0"),
+    ("seed-beyond-numpy", "optimizer.seed", 4294967296, "optimizer.seed"),
+    ("negative-seed", "optimizer.seed", -1, "optimizer.seed"),
+    ("merge-seed-beyond-numpy", "builder.random_seed", 2**32, "builder.random_seed"),
+    ("subsample-seed", "fitness.subsample_seed", -3, "fitness.subsample_seed"),
+    (
+        "population-over-budget",
+        "optimizer.population",
+        50,
+        "optimizer.population: 50 candidates per generation but max_evals is 8",
+    ),
+    ("population-one", "optimizer.population", 1, "optimizer.population"),
+    (
+        "ray-beyond-the-cores",
+        "runner",
+        {"type": "ray", "workers": 64},
+        "runner.workers: 64 workers x 1 CPUs need 64 cores",
+    ),
+    ("serial-with-workers", "runner", {"workers": 2}, "runner.workers"),
+    ("zero-threads", "runner.threads", 0, "runner.threads"),
+    ("duplicate-names", "sources.models.1.name", "base", "model names must be unique"),
+    ("unknown-tokenizer", "sources.tokenizer_source", "c", "tokenizer_source"),
+    ("limit-and-subsample", "fitness.subsample", 5, "either limit or subsample"),
+    ("no-fitness-task", "fitness.tasks", [], "at least one fitness task"),
+    (
+        "unknown-heldout-task",
+        "heldout.tasks.0.task",
+        "toy_ja_sub_heldoutt",
+        "heldout.tasks.0.task: unknown lm-eval task",
+    ),
+    (
+        "density-beyond-1",
+        "space",
+        {"type": "parameter", "method": "ties", "parameters": {"density": [0, 1.5]}},
+        "space.parameters.density: range must lie within [0, 1]",
+    ),
+    ("models-not-a-list", "sources.models", "base", "sources.models"),
+    ("unknown-tracking-key", "tracking", {"wandbb": True}, "tracking.wandbb"),
+    ("negative-limit", "fitness.limit", -5, "fitness.limit"),
+    ("task-typo-in-metric-type", "fitness.tasks.0.metric", 3, "fitness.tasks.0.metric"),
 ]
 
 
@@ -152,14 +202,34 @@ def test_malformed_config_is_one_line_exit_2_and_no_run_dir(
     assert not (tmp_path / "run").exists()
 
 
+UNREADABLE = [
+    ("not-yaml", "sources: [unclosed\n", "not valid YAML"),
+    ("top-level-list", "- a\n- b\n", "expected a mapping"),
+    ("empty-file", "", "expected a mapping at the top level, got NoneType"),
+    (
+        "duplicate-key",
+        "name: a\noptimizer: {seed: 1}\noptimizer: {seed: 2}\n",
+        "duplicate key 'optimizer' on line 3 (first on line 2)",
+    ),
+    ("utf-16", "name: x\n".encode("utf-16"), "not UTF-8 text"),
+    ("binary", bytes(range(256)), "not UTF-8 text"),
+    ("nul-bytes", b"name: x\x00\n", "not a text file"),
+    ("deep-nesting", "[" * 5000, "nested too deeply"),
+    ("python-tag", "name: !!python/name:os.system\n", "not valid YAML"),
+]
+
+
 @pytest.mark.parametrize(
     "content,expected",
-    [("sources: [unclosed\n", "not valid YAML"), ("- a\n- b\n", "expected a mapping")],
-    ids=["not-yaml", "top-level-list"],
+    [u[1:] for u in UNREADABLE],
+    ids=[u[0] for u in UNREADABLE],
 )
 def test_unreadable_config_file(tmp_path, content, expected):
     path = tmp_path / "bad.yml"
-    path.write_text(content)
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
     result = CliRunner().invoke(main, [str(path)])
     assert result.exit_code == 2
     assert (
@@ -182,6 +252,40 @@ def test_model_dir_without_config_json(good, write_config, tmp_path):
     result = CliRunner().invoke(main, [str(path)])
     assert result.exit_code == 2
     assert "sources.models.2.path" in result.stderr and "config.json" in result.stderr
+
+
+def test_config_json_that_is_not_an_object(good, write_config, tmp_path):
+    odd = tmp_path / "odd_model"
+    odd.mkdir()
+    (odd / "config.json").write_text("[1, 2, 3]")
+    path = write_config(_break(good, "sources.models.2.path", str(odd)))
+    result = CliRunner().invoke(main, [str(path)])
+    assert result.exit_code == 2
+    [line] = result.stderr.strip().splitlines()
+    assert "sources.models.2.path" in line and "expected a JSON object" in line
+
+
+@pytest.mark.parametrize("where", ["under-a-file", "proc"])
+def test_an_output_dir_that_cannot_exist_is_one_line(
+    good, write_config, tmp_path, where
+):
+    (tmp_path / "afile").write_text("x")
+    output = tmp_path / "afile" / "run" if where == "under-a-file" else "/proc/run"
+    path = write_config(_break(good, "output.dir", str(output)))
+    result = CliRunner().invoke(main, [str(path)])
+    assert result.exit_code == 2, result.output
+    [line] = result.stderr.strip().splitlines()
+    assert "output.dir: cannot create" in line
+
+
+@pytest.mark.parametrize("flag", ["--seed", "--max-evals"])
+def test_out_of_range_flags_are_one_line(good, write_config, flag):
+    path = write_config(good)
+    value = "99999999999" if flag == "--seed" else "0"
+    result = CliRunner().invoke(main, [str(path), flag, value])
+    assert result.exit_code == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("UsageError:") and flag in line
 
 
 def test_yaml_is_read_safely(tmp_path):

@@ -12,14 +12,11 @@ from conftest import REPO, tiny_config
 
 from mergekit_evolve.config import OptimizerConfig
 from mergekit_evolve.errors import ConfigError, ResumeError
-from mergekit_evolve.hybrid import (
-    HybridEvolution,
-    X0FirstOptimizer,
-    planned_model_config,
-)
+from mergekit_evolve.hybrid import HybridEvolution, X0FirstOptimizer
 from mergekit_evolve.loading import load_config, parse_config
 from mergekit_evolve.loop import Evolution
 from mergekit_evolve.optimizer import make_optimizer
+from mergekit_evolve.prepare import planned_model_config
 from mergekit_evolve.state import RunState
 
 
@@ -142,7 +139,8 @@ def test_hybrid_runs_both_stages_and_resumes(
     run_dir = tmp_path / "run"
     config = load_config(write_config(_hybrid(toy_zoo, run_dir)))
 
-    # Dry run: the DFS stage's first candidate is the PS model, planned before it exists.
+    # Dry run: the DFS stage's first candidate is the PS model, planned before it
+    # exists.
     stages = HybridEvolution(config, build_zoo=False).dry_run()
     assert [s for s, _ in stages] == ["ps", "dfs"]
     assert str(run_dir / "ps" / "final") in stages[1][1].first_candidate_yaml
@@ -183,7 +181,8 @@ def test_hybrid_runs_both_stages_and_resumes(
     ).read_text()
     assert json.loads((run_dir / "summary.json").read_text()) == summary
 
-    # The DFS stage's first candidate is the PS model itself, with the PS best's fitness.
+    # The DFS stage's first candidate is the PS model itself, with the PS best's
+    # fitness.
     ps_summary = json.loads((run_dir / "ps" / "summary.json").read_text())
     first = json.loads(dfs_history[0])
     slices = first["merge_config"]["slices"]

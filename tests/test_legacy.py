@@ -16,7 +16,7 @@ from conftest import REPO
 from mergekit_evolve.cli import main, merge_flag_aliases
 from mergekit_evolve.errors import ConfigError
 from mergekit_evolve.legacy import convert_legacy_config, is_legacy_config
-from mergekit_evolve.loading import load_config
+from mergekit_evolve.loading import load_config, parse_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest
 
@@ -94,6 +94,18 @@ def test_docs_example_maps_onto_our_parameter_space(
         data["optimizer"]["sigma0"] == pytest.approx(1 / 6)
         and data["optimizer"]["max_evals"] == 100
     )
+
+
+@pytest.mark.parametrize("given", ["null", "unset"])
+def test_a_null_tokenizer_source_stays_null(docs_example, tmp_path, given):
+    """Seen on main 3903bf4: a legacy tokenizer_source: null became 'base'."""
+    legacy = copy.deepcopy(docs_example)
+    if given == "unset":
+        del legacy["genome"]["tokenizer_source"]
+    data = convert_legacy_config(legacy, source="evolve.yml", base_dir=tmp_path)
+    assert data["sources"]["tokenizer_source"] is None
+    config = parse_config(data, "evolve.yml", tmp_path)
+    assert config.sources.tokenizer_source is None
 
 
 def test_negative_weights_and_chat_templates(docs_example, tiny_models, tmp_path):
@@ -196,6 +208,16 @@ def test_relative_paths_resolve_like_mergekit(
         (
             lambda c: c["genome"].update(tokenizer_source="nowhere"),
             r"genome\.tokenizer_source: 'nowhere' is none of",
+        ),
+        # Seen on main 3903bf4: the override was dropped without a word.
+        (
+            lambda c: c["genome"].update(
+                base_model={
+                    "model": c["genome"]["base_model"],
+                    "override_architecture": "MistralForCausalLM",
+                }
+            ),
+            r"genome\.base_model: override_architecture is not supported",
         ),
     ],
 )

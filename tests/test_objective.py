@@ -40,3 +40,13 @@ def test_missing_metric_lists_what_there_is():
         fitness(METRICS, [TaskSpec(task="a", metric="f1")])
     with pytest.raises(EvalError, match="no results for task 'zzz'"):
         fitness(METRICS, [TaskSpec(task="zzz")])
+
+
+def test_huge_weights_do_not_overflow():
+    """Seen on main 3903bf4: weights of 1e308 summed to inf and every fitness was 0."""
+    specs = [
+        TaskSpec(task="a", weight=1e308),
+        TaskSpec(task="b", weight=1e308),
+    ]
+    metrics = {"a": {"acc,none": 0.25}, "b": {"acc,none": 0.75}}
+    assert fitness(metrics, specs) == pytest.approx(0.5)

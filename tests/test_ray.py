@@ -86,7 +86,8 @@ def test_ray_run_resumes_after_sigkill(toy_zoo, tmp_path, one_torch_thread):
     not part of the config hash) ends like an uninterrupted serial run, and no
     candidate is evaluated twice."""
     budget = 24
-    # The demo's space (per-layer weights in [0, 2]), where fitness varies from the start.
+    # The demo's space (per-layer weights in [0, 2]), where fitness varies from the
+    # start.
     base = tiny_config(
         toy_zoo,
         tmp_path / "ray_run",
@@ -213,7 +214,8 @@ def test_ray_matches_serial_on_toy_demo(toy_zoo, tmp_path, one_torch_thread, loc
     serial = {c.index: worker.evaluate(c) for c in candidates}
     with RayRunner(config, evolution.sources) as runner:
         parallel = {r.index: r for r in runner.evaluate(candidates)}
-        # A bug inside a worker (here a genome of the wrong length) propagates as itself.
+        # A bug inside a worker (here a genome of the wrong length) propagates as
+        # itself.
         with pytest.raises(ValueError, match="genome has shape"):
             list(runner.evaluate([Candidate(99, 0, (0.5,))]))
         stats = runner.stats()

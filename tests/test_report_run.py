@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from mergekit_evolve import report
-from mergekit_evolve.config import parse_config
+from mergekit_evolve.loading import parse_config
 from mergekit_evolve.loop import Evolution
 from mergekit_evolve.tracking import TrackingConfig, make_trackers
 

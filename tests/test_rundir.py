@@ -1,4 +1,5 @@
-"""The run directory's state and history: atomic, append-only, and safe against a kill mid-write."""
+"""The run directory's state and history: atomic, append-only, and safe against a
+kill mid-write."""
 
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from mergekit_evolve.config import OptimizerConfig
+from mergekit_evolve.errors import ResumeError
 from mergekit_evolve.optimizer import Optimizer, make_optimizer
 from mergekit_evolve.rundir import RunDir
 from mergekit_evolve.state import Result
@@ -130,3 +131,66 @@ def test_a_study_resumed_from_its_run_directory_continues_exactly(tmp_path):
         for candidate in resumed.ask():
             resumed.record(result(candidate, fail=candidate.index % 5 == 2))
     assert first.told + second.told == reference
+
+
+def test_a_deleted_state_is_rebuilt_by_replaying_the_history(tmp_path):
+    reference = run_study(order_seed=0).told
+    config = OptimizerConfig(population=6, max_evals=24, seed=3)
+
+    def fresh() -> RecordingOptimizer:
+        return RecordingOptimizer(make_optimizer(config, 4, np.full(4, 0.5)))
+
+    study = Study(fresh(), "hash", 24, store=RunDir(tmp_path))
+    for _ in range(15):  # two generations and half of the third
+        candidate = study.ask()[0]
+        study.record(result(candidate, fail=candidate.index % 5 == 2))
+    (tmp_path / "state.pkl").unlink()
+    second = fresh()
+    resumed = Study(second, "hash", 24, store=RunDir(tmp_path), resume=True)
+    assert resumed.state.generation == 2 and resumed.state.asked == 18
+    assert sorted(resumed.state.penalties) == [2, 7]  # failures of told generations
+    assert [told for told in second.told] == reference[:2]  # replayed exactly
+    while not resumed.done:
+        for candidate in resumed.ask():
+            resumed.record(result(candidate, fail=candidate.index % 5 == 2))
+    assert second.told == reference
+
+
+def test_a_replay_refuses_a_history_the_config_did_not_ask_for(tmp_path):
+    config = OptimizerConfig(population=4, max_evals=8, seed=3)
+    study = Study(make_optimizer(config, 3, np.full(3, 0.5)), "h", 8, RunDir(tmp_path))
+    while not study.done:
+        for candidate in study.ask():
+            study.record(result(candidate, fail=False))
+    (tmp_path / "state.pkl").unlink()
+    other = OptimizerConfig(population=4, max_evals=8, seed=4)  # another seed
+    with pytest.raises(ResumeError, match="cannot rebuild state.pkl"):
+        Study(make_optimizer(other, 3, np.full(3, 0.5)), "h", 8, RunDir(tmp_path), True)
+
+
+def test_retry_failed_evaluates_failures_again_and_keeps_the_newest(tmp_path):
+    config = OptimizerConfig(population=4, max_evals=10, seed=0)
+
+    def make(resume=False, retry=False):
+        optimizer = make_optimizer(config, 3, np.full(3, 0.5))
+        return Study(
+            optimizer, "h", 10, RunDir(tmp_path), resume=resume, retry_failed=retry
+        )
+
+    study = make()
+    for _ in range(6):  # generation 0, and half of generation 1
+        candidate = study.ask()[0]
+        study.record(result(candidate, fail=candidate.index in (1, 5)))
+    resumed = make(resume=True, retry=True)
+    # Index 1 (a told generation) is queued; index 5 (pending) is asked again.
+    assert [c.index for c in resumed.ask()] == [1]
+    resumed.record(result(resumed.ask()[0], fail=False))
+    assert resumed.results[1].ok
+    assert 5 in [c.index for c in resumed.ask()]
+    while not resumed.done:
+        for candidate in resumed.ask():
+            resumed.record(result(candidate, fail=False))
+    assert all(r.ok for r in resumed.results.values())
+    lines = RunDir(tmp_path).history.scan().results
+    assert [r.index for r in lines].count(1) == 2  # both attempts are on record
+    assert sorted(make(resume=True).results) == list(range(10))

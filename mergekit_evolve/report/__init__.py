@@ -5,6 +5,7 @@
 * :mod:`.recipe`: the evolved recipe read back from gene names;
 * :mod:`.plots`: ``fitness.png``, ``genes.png``, ``heldout.png`` (matplotlib, lazily);
 * :mod:`.card`: ``final/README.md`` and ``final/mergekit_config.yml``;
+* :mod:`.hybrid`: a PS+DFS hybrid's summary from its two stages';
 * :mod:`.cli`: ``python -m mergekit_evolve.report RUN_DIR [--compare] [--plots]``.
 """
 
@@ -19,6 +20,7 @@ from .card import (
     write_run_outputs,
 )
 from .cli import main
+from .hybrid import hybrid_summary
 from .plots import (
     draw_plots,
     fitness_figure,
@@ -55,6 +57,7 @@ __all__ = [
     "heldout_figure",
     "fitness_rows",
     "heldout_rows",
+    "hybrid_summary",
     "load_run",
     "main",
     "markdown_table",

@@ -12,14 +12,17 @@ from typing import Any
 
 import yaml
 
-from ..state import HISTORY_FILE, Result
+from ..rundir import (
+    BEST_FILE,
+    CONFIG_FILE,
+    FINAL_DIR,
+    SUMMARY_FILE,
+    History,
+    write_json,
+)
+from ..state import Result
 
 logger = logging.getLogger(__name__)
-
-CONFIG_FILE = "config.yml"
-BEST_FILE = "best.yml"
-SUMMARY_FILE = "summary.json"
-FINAL_DIR = "final"
 
 
 def _space_facts(config: Any, space: Any) -> dict[str, Any]:
@@ -113,12 +116,7 @@ def write_summary(summary: Mapping[str, Any], path: Path) -> None:
         summary: The summary.
         path: Where to write it.
     """
-    path = Path(path)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(
-        json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
-    )
-    tmp.replace(path)
+    write_json(path, dict(summary))
 
 
 @dataclass
@@ -198,24 +196,22 @@ def complete_summary(
 
 
 def read_results(run_dir: Path) -> list[Result]:
-    """Every complete line of ``history.jsonl``, in index order.
+    """Every record of ``history.jsonl``, in index order (a retried candidate's
+    newest line).
 
-    Unlike :meth:`mergekit_evolve.state.History.read` this never truncates the file:
-    a report must not change the run it reads.
+    Unlike :meth:`mergekit_evolve.rundir.History.read` this never changes the file:
+    a report must not change the run it reads. Bad lines are skipped with a warning.
     """
-    path = Path(run_dir) / HISTORY_FILE
-    if not path.is_file():
-        return []
-    results = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if not line.endswith("\n"):
-                break  # cut short by a kill; the loop drops it on resume
-            try:
-                results.append(Result.from_json(line))
-            except (json.JSONDecodeError, TypeError):
-                logger.warning("%s: skipped an unreadable line", path)
-    return sorted(results, key=lambda r: r.index)
+    found = History(run_dir).scan()
+    if found.bad_lines:
+        logger.warning(
+            "%s: skipped %d lines that are not results (first: line %d)",
+            History(run_dir).path,
+            len(found.bad_lines),
+            found.bad_lines[0][0],
+        )
+    latest = {r.index: r for r in found.results}
+    return [latest[i] for i in sorted(latest)]
 
 
 def load_run(run_dir: Path) -> RunRecord:

@@ -1,4 +1,4 @@
-"""Evaluates candidates on Ray workers: a local Ray started here, or an existing cluster.
+"""Evaluates candidates on Ray workers: a local Ray started here, or a cluster.
 
 This is the only module that imports Ray, and it starts (or joins) Ray explicitly in
 :meth:`RayRunner.__enter__`, never at import. Each worker is a Ray actor that loads a
@@ -55,7 +55,8 @@ def _import_ray():
         import ray
     except ImportError:
         raise ConfigError(
-            "runner.type: 'ray' needs Ray, which is not installed (pip install 'mergekit-evolve[ray]')"
+            "runner.type: 'ray' needs Ray, which is not installed (pip install "
+            "'mergekit-evolve[ray]')"
         ) from None
     return ray
 
@@ -182,7 +183,8 @@ class RayRunner:
         stats = self.stats()
         if stats["candidates"]:
             logger.info(
-                "Ray: %d workers evaluated %d candidates; workers idle %.1f%% of the time",
+                "Ray: %d workers evaluated %d candidates; workers idle %.1f%% of the "
+                "time",
                 stats["workers"],
                 stats["candidates"],
                 100 * stats["idle_fraction"],
@@ -208,7 +210,8 @@ class RayRunner:
                 )
             # Usage statistics would be sent to Ray's servers; runs are often offline.
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-            # "local" starts a new Ray even if `ray start` left one running on this machine
+            # "local" starts a new Ray even if `ray start` left one running on this
+            # machine
             # (a bare ray.init() would join that one, with its resources).
             ray.init(
                 address="local",
@@ -223,7 +226,8 @@ class RayRunner:
                 ray.init(address=self.runner.address, **common)
             except (ConnectionError, ValueError, RuntimeError) as e:
                 raise ConfigError(
-                    f"runner.address: cannot connect to Ray at {self.runner.address!r}: {e}"
+                    "runner.address: cannot connect to Ray at "
+                    f"{self.runner.address!r}: {e}"
                 ) from None
             logger.info("joined the Ray cluster at %s", self.runner.address)
         self._started_ray = True
@@ -262,7 +266,8 @@ class RayRunner:
         )
 
     def _check_resources(self, cuda: bool) -> None:
-        """Fails early when the cluster can never host the workers (they would wait forever)."""
+        """Fails early when the cluster can never host the workers (they would wait
+        forever)."""
         total = self._ray.cluster_resources()
         need = {"CPU": self.runner.workers * self.runner.cpus_per_worker}
         if cuda:
@@ -279,10 +284,12 @@ class RayRunner:
         )
         if self.runner.address is None:
             raise ConfigError(
-                f"runner: the local Ray cannot host {self.runner.workers} workers ({what})"
+                f"runner: the local Ray cannot host {self.runner.workers} workers "
+                f"({what})"
             )
         logger.warning(
-            "runner: the cluster lacks resources for %d workers now (%s); waiting for them",
+            "runner: the cluster lacks resources for %d workers now (%s); waiting "
+            "for them",
             self.runner.workers,
             what,
         )
@@ -328,7 +335,8 @@ class RayRunner:
             i, candidate = running.pop(ref)
             result, busy = self._get(
                 ref,
-                f"worker {self.names[i]} died while evaluating candidate {candidate.index}",
+                f"worker {self.names[i]} died while evaluating candidate "
+                f"{candidate.index}",
             )
             self._busy_seconds += busy
             self._evaluated += 1
@@ -368,10 +376,10 @@ class RayRunner:
         return self._busy_seconds
 
     def stats(self) -> dict[str, Any]:
-        """Workers, candidates evaluated (by this runner, i.e. since the last resume) and
-        the workers' idle fraction: the share of worker time, from all workers loaded
-        to the last result, spent not building or scoring (waiting at generation ends,
-        on the driver, or on Ray)."""
+        """Workers, candidates evaluated (by this runner, i.e. since the last resume)
+        and the workers' idle fraction: the share of worker time, from all workers
+        loaded to the last result, spent not building or scoring (waiting at
+        generation ends, on the driver, or on Ray)."""
         workers = self.runner.workers
         span = (
             (self._last_result_at - self._ready_at)
