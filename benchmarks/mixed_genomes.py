@@ -40,6 +40,7 @@ from mergekit_evolve.optimizers import (
     MarginCmaOptimizer,
     Optimizer,
     RandomOptimizer,
+    make_optimizer,
 )
 from mergekit_evolve.optimizers.margin import dump_cmaes, load_cmaes
 from mergekit_evolve.seeding import (
@@ -49,7 +50,11 @@ from mergekit_evolve.seeding import (
     encode_dataflow_path,
 )
 from mergekit_evolve.sources import ModelInfo, SourceSet
-from mergekit_evolve.spaces.dataflow import DataflowSpace, DataflowSpaceConfig
+from mergekit_evolve.spaces.dataflow import (
+    INIT_MARGIN,
+    DataflowSpace,
+    DataflowSpaceConfig,
+)
 from mergekit_evolve.state import Candidate, RunState
 
 # Fitness is positive within RADIUS - 1 flips of the target (the issue's example:
@@ -197,33 +202,39 @@ class CatCmaOptimizer(Optimizer):
 
 
 def methods(space: DataflowSpace) -> dict[str, Callable[[OptimizerConfig], Optimizer]]:
-    """Every optimizer measured, by name, as a factory of the run's config."""
+    """Every optimizer measured, by name, as a factory of the run's config.
+
+    ``seeds(m)``: the seed genomes with indicator genes at ``0.5 ± m`` (0.25 is
+    ``x0``'s margin); ``seeds``: the default margin (``flip_margin``, one expected
+    flip per sample). ``make_optimizer``: what a data-flow run gets by default.
+    """
     x0, binary = space.x0(), dataflow_binary_genes(space)
-    seeds = dataflow_seed_genomes(space)
-    wide_seeds = dataflow_seed_genomes(space, margin=0.4)
-    return {
+    seeds = {
+        "seeds(0.25)": dataflow_seed_genomes(space, margin=INIT_MARGIN),
+        "seeds": dataflow_seed_genomes(space),
+        "seeds(0.4)": dataflow_seed_genomes(space, margin=0.4),
+    }
+    inner = {
         "random": lambda c: RandomOptimizer(c, space.dim, x0),
         "cma": lambda c: CmaOptimizer(c, space.dim, x0),
         "cma-int": lambda c: IntegerCmaOptimizer(c, space.dim, x0, binary),
         "cma-margin": lambda c: MarginCmaOptimizer(c, space.dim, x0, binary),
         "catcma": lambda c: CatCmaOptimizer(c, space.dim, x0, binary),
-        "seeds+cma": lambda c: SeededOptimizer(CmaOptimizer(c, space.dim, x0), seeds),
-        "seeds+cma-int": lambda c: SeededOptimizer(
-            IntegerCmaOptimizer(c, space.dim, x0, binary), seeds
-        ),
-        "seeds+cma-margin": lambda c: SeededOptimizer(
-            MarginCmaOptimizer(c, space.dim, x0, binary), seeds
-        ),
-        "seeds+catcma": lambda c: SeededOptimizer(
-            CatCmaOptimizer(c, space.dim, x0, binary), seeds
-        ),
-        "seeds(0.4)+cma": lambda c: SeededOptimizer(
-            CmaOptimizer(c, space.dim, x0), wide_seeds
-        ),
-        "seeds(0.4)+cma-margin": lambda c: SeededOptimizer(
-            MarginCmaOptimizer(c, space.dim, x0, binary), wide_seeds
-        ),
     }
+    table: dict[str, Callable[[OptimizerConfig], Optimizer]] = dict(inner)
+    for label, genomes in seeds.items():
+        for name, factory in inner.items():
+            if name == "random" or (
+                label == "seeds(0.4)" and name in ("cma-int", "catcma")
+            ):
+                continue
+            table[f"{label}+{name}"] = lambda c, f=factory, g=genomes: SeededOptimizer(
+                f(c), g
+            )
+    table["make_optimizer"] = lambda c: make_optimizer(
+        c, space.dim, x0, seeds=seeds["seeds"], discrete=binary
+    )
+    return table
 
 
 def search(
@@ -300,14 +311,14 @@ def main() -> None:
                 }
             )
     header = (
-        f"{'target':<16} {'method':<22} {'hits':>5} {'best':>6} {'evals to hit':>16}"
+        f"{'target':<16} {'method':<24} {'hits':>5} {'best':>6} {'evals to hit':>16}"
     )
     print(header)
     print("-" * len(header))
     for row in rows:
         evals = ",".join("-" if h is None else str(h) for h in row["evals_to_hit"])
         print(
-            f"{row['target']:<16} {row['method']:<22} "
+            f"{row['target']:<16} {row['method']:<24} "
             f"{row['hits']}/{row['runs']:<3} {row['mean_best']:>6.3f} {evals:>16}"
         )
     summary = {"layers": args.layers, "budget": args.budget, "radius": args.radius}

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -93,8 +94,31 @@ def encode_dataflow_path(
     return x
 
 
+def flip_margin(num_binary: int, sigma: float, flips: float = 1.0) -> float:
+    """How far from the threshold 0.5 to put binary genes so that a Gaussian sample of
+    standard deviation ``sigma`` around them flips ``flips`` of them on average.
+
+    With ``n`` binary genes at distance ``m`` from the threshold, a sample flips each
+    with probability ``P(N(0, sigma^2) > m)``; solving ``n P = flips`` gives
+    ``m = sigma * Phi^-1(1 - flips / n)``. At a fixed margin the number of flips grows
+    with ``n`` (0.25 and ``sigma0 = 1/6``: 2.4 flips for 36 indicator genes, 13 for
+    192), and a search around a good splice mostly samples broken paths.
+
+    Args:
+        num_binary: Number of binary genes.
+        sigma: The optimizer's initial step size (``optimizer.sigma0``).
+        flips: Wanted mean number of flipped genes per sample.
+
+    Returns:
+        The margin, clipped to ``[0.05, 0.45]`` (away from the cube's faces, where
+        ``cma``'s bound transform is not the identity).
+    """
+    p = min(0.5, flips / max(num_binary, 1))
+    return float(np.clip(sigma * NormalDist().inv_cdf(1.0 - p), 0.05, 0.45))
+
+
 def dataflow_seed_genomes(
-    space: DataflowSpace, margin: float = INIT_MARGIN
+    space: DataflowSpace, sigma0: float = 1 / 6, margin: float | None = None
 ) -> list[np.ndarray]:
     """Genomes of each source's own path and every single splice (scales at 1.0).
 
@@ -104,12 +128,17 @@ def dataflow_seed_genomes(
     Args:
         space: The data-flow space; only its public attributes are used (``models``,
             ``layers``, ``num_slots``, ``dim``, ``unit_of``, ``decode_path``).
-        margin: Distance of the indicator genes from the threshold 0.5.
+        sigma0: The optimizer's initial step size, which sets the default margin.
+        margin: Distance of the indicator genes from the threshold 0.5; default
+            :func:`flip_margin` of the indicator genes (one flip per sample on
+            average when the search is recentred on a seed).
 
     Returns:
-        The genomes, the models' own paths first (model 0's is ``space.x0()`` with
-        ``init: first_model``).
+        The genomes, the models' own paths first (model 0's decodes to the path of
+        ``space.x0()`` with ``init: first_model``).
     """
+    if margin is None:
+        margin = flip_margin(space.num_slots, sigma0)
     genomes, seen = [], set()
     for path in dataflow_splice_paths(space):
         x = encode_dataflow_path(space, path, margin)
@@ -171,7 +200,10 @@ class SeededOptimizer(Optimizer):
     def _inner_state(self, state: RunState) -> Iterator[dict[str, Any]]:
         # inner replaces state.optimizer wholesale; keep our key out of its way and
         # put it back into whatever dict it leaves.
-        mine = state.optimizer.pop(SEEDING_KEY)
+        mine = state.optimizer.pop(SEEDING_KEY, None)
+        if mine is None:
+            # A run started before seeding existed: its seeds were never asked.
+            mine = {"done": True, "chosen": None}
         try:
             yield mine
         finally:
@@ -182,9 +214,9 @@ class SeededOptimizer(Optimizer):
         state.optimizer[SEEDING_KEY] = {"done": len(self.seeds) == 0, "chosen": None}
 
     def _ask(self, state: RunState) -> np.ndarray:
-        if not state.optimizer[SEEDING_KEY]["done"]:
-            return self.seeds.copy()
-        with self._inner_state(state):
+        with self._inner_state(state) as mine:
+            if not mine["done"]:
+                return self.seeds.copy()
             return self.inner._ask(state)
 
     def tell(

@@ -15,9 +15,14 @@ from mergekit_evolve.seeding import (
     dataflow_binary_genes,
     dataflow_seed_genomes,
     encode_dataflow_path,
+    flip_margin,
 )
 from mergekit_evolve.sources import ModelInfo, SourceSet
-from mergekit_evolve.spaces.dataflow import DataflowSpace, DataflowSpaceConfig
+from mergekit_evolve.spaces.dataflow import (
+    INIT_MARGIN,
+    DataflowSpace,
+    DataflowSpaceConfig,
+)
 from mergekit_evolve.state import RunState
 
 
@@ -80,7 +85,24 @@ def test_seeds_are_the_own_paths_then_every_single_splice():
     ]
     assert paths == own + splices
     # Model 0's own path is the space's default start (init: first_model).
-    np.testing.assert_array_equal(dataflow_seed_genomes(space)[0], space.x0())
+    assert paths[0] == path_of(space, space.x0())
+    np.testing.assert_array_equal(
+        dataflow_seed_genomes(space, margin=INIT_MARGIN)[0], space.x0()
+    )
+
+
+@pytest.mark.parametrize("genes", [12, 36, 192])
+def test_flip_margin_gives_one_flip_per_sample_on_average(genes):
+    sigma = 1 / 6
+    margin = flip_margin(genes, sigma)
+    steps = np.random.default_rng(0).normal(0.0, sigma, size=(20000, genes))
+    assert np.mean(np.sum(steps > margin, axis=1)) == pytest.approx(1.0, rel=0.05)
+
+
+def test_seed_margin_grows_with_the_number_of_indicator_genes():
+    small, large = make_space((2, 2)), make_space((8, 8))
+    gap = [abs(dataflow_seed_genomes(s)[0][0] - 0.5) for s in (small, large)]
+    assert gap[0] < gap[1] <= 0.45
 
 
 def test_seed_scales_are_one_and_indicators_keep_their_margin():
@@ -142,8 +164,12 @@ def test_the_first_generation_is_exactly_the_seeds():
     first = opt.ask(state)
     assert [c.genome for c in first] == [tuple(float(v) for v in s) for s in seeds]
     assert [c.index for c in first] == list(range(len(seeds)))
-    second_state, asked = run(seeded(space), lambda g: 0.0, 2 * len(seeds))
-    assert len(asked[len(seeds) :][0].genome) == space.dim
+    opt.tell(state, first, [0.0] * len(first))
+    state.generation += 1
+    second = opt.ask(state)
+    assert len(second) == opt.population() == opt.inner.population()
+    assert [c.index for c in second][0] == len(seeds)
+    assert {c.generation for c in second} == {1}
 
 
 def test_the_next_generation_searches_around_the_best_seed():
@@ -190,7 +216,8 @@ def test_seeding_finds_a_splice_that_unseeded_cma_misses():
         assert max(fitness(c.genome) for c in asked) == 1.0
 
 
-def test_seeding_then_cma_reaches_a_path_next_to_a_splice():
+@pytest.mark.parametrize("margin", [False, True])
+def test_seeding_then_cma_reaches_a_path_next_to_a_splice(margin):
     # A0-1, B1-3: one flip from two seeds. The seeds score 0.75, and the search
     # must go on from them.
     space = make_space((4, 4))
@@ -198,26 +225,35 @@ def test_seeding_then_cma_reaches_a_path_next_to_a_splice():
     fitness = splice_fitness(space, target)
     seeds = dataflow_seed_genomes(space)
     assert max(fitness(s) for s in seeds) < 1.0
+
+    def make(seed: int):
+        if not margin:
+            return seeded(space, seed)
+        return make_optimizer(  # what a data-flow run gets
+            OptimizerConfig(seed=seed),
+            space.dim,
+            space.x0(),
+            seeds=seeds,
+            discrete=dataflow_binary_genes(space),
+        )
+
     hits = [
-        max(fitness(c.genome) for c in run(seeded(space, seed), fitness, 150)[1])
+        max(fitness(c.genome) for c in run(make(seed), fitness, 150)[1])
         for seed in range(3)
     ]
     assert hits.count(1.0) >= 2
 
 
-@pytest.mark.parametrize("inner", ["cma", "cma_margin", "random"])
-def test_seeded_search_resumes_identically(inner):
+@pytest.mark.parametrize("kind", ["cma", "random"])
+def test_seeded_search_resumes_identically(kind):
     space = make_space((4, 4))
     target = encode_dataflow_path(space, [(0, 0), (0, 1), (1, 1), (1, 2), (1, 3)])
     fitness = splice_fitness(space, target)
 
     def make():
+        # With the indicator genes as `discrete`, "cma" is CMA-ES with margin.
         return make_optimizer(
-            OptimizerConfig(type="cma" if inner == "cma_margin" else inner, seed=3)
-            if inner != "cma_margin"
-            else OptimizerConfig.model_construct(
-                **{**OptimizerConfig(seed=3).model_dump(), "type": "cma_margin"}
-            ),
+            OptimizerConfig(type=kind, seed=3),
             space.dim,
             space.x0(),
             seeds=dataflow_seed_genomes(space),
@@ -232,6 +268,30 @@ def test_seeded_search_resumes_identically(inner):
         np.random.seed(99)
         _, rest = run(make(), fitness, 60 - len(first), state=restored)
         assert [c.genome for c in first + rest] == whole
+
+
+def test_a_run_started_without_seeding_resumes_without_seeds():
+    space = make_space((4, 4))
+    config = OptimizerConfig(type="cma", seed=0)
+    fitness = splice_fitness(space, space.x0())
+    whole = run(CmaOptimizer(config, space.dim, space.x0()), fitness, 24)[1]
+    state, first = run(CmaOptimizer(config, space.dim, space.x0()), fitness, 12)
+    assert "seeding" not in state.optimizer
+    _, rest = run(seeded(space), fitness, 12, state=state)
+    assert [c.genome for c in first + rest] == [c.genome for c in whole]
+
+
+def test_make_optimizer_for_a_dataflow_space():
+    space = make_space((4, 4))
+    seeds, binary = dataflow_seed_genomes(space), dataflow_binary_genes(space)
+    opt = make_optimizer(
+        OptimizerConfig(), space.dim, space.x0(), seeds=seeds, discrete=binary
+    )
+    assert isinstance(opt, SeededOptimizer)
+    assert isinstance(opt.inner, MarginCmaOptimizer)
+    assert opt.inner.discrete == binary
+    plain = make_optimizer(OptimizerConfig(), space.dim, space.x0())
+    assert type(plain) is CmaOptimizer
 
 
 def test_x0_first_is_a_one_seed_list():

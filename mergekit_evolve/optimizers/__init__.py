@@ -2,9 +2,9 @@
 
 Genomes live in the unit cube and fitness is maximized. Single-objective:
 :class:`CmaOptimizer` (``cma``), :class:`MarginCmaOptimizer` (``cmaes.CMAwM``, for
-genomes with binary genes), :class:`RandomOptimizer`. Multi-objective:
-:class:`NsgaOptimizer` (``pymoo``'s NSGA-II), with :func:`pareto_front` and
-:func:`choose_pareto_member`. :func:`make_optimizer` picks one.
+genomes with binary genes such as the data-flow space's), :class:`RandomOptimizer`.
+Multi-objective: :class:`NsgaOptimizer` (``pymoo``'s NSGA-II), with
+:func:`pareto_front` and :func:`choose_pareto_member`. :func:`make_optimizer` picks one.
 """
 
 from __future__ import annotations
