@@ -27,7 +27,7 @@ def make_optimizer(
     * ``type: cma`` with ``discrete`` genes (the data-flow space's indicators): CMA-ES
       with margin over them (``benchmarks/mixed_genomes.py``: seeded, it reached
       paths next to a splice in 52/60, 49/60 and 32/60 runs where seeded plain CMA-ES
-      did in 42/60, 31/60 and 12/60; see docs/optimizers.md).
+      did in 42/60, 37/60 and 12/60; see docs/optimizers.md).
     * otherwise the registered ``type`` (``cma``, ``random``).
 
     Single-objective optimizers are wrapped in a
