@@ -218,14 +218,20 @@ def test_nsga2_resumes_identically_in_another_process(tmp_path):
     assert genomes(first) + rest == whole
 
 
-def test_nsga2_first_generation_starts_with_the_seeds_then_x0():
+def test_nsga2_first_generation_starts_with_the_seeds_or_x0():
     seeds = [np.array([0.1, 0.2, 0.3, 0.4]), np.array([0.9, 0.8, 0.7, 0.6])]
     _, asked = run(make(seeds=seeds), 1)
     first = [np.array(c.genome) for c in asked[0]]
     np.testing.assert_array_equal(first[0], seeds[0])
     np.testing.assert_array_equal(first[1], seeds[1])
-    np.testing.assert_array_equal(first[2], np.full(4, 0.5))
+    assert not any(np.array_equal(g, np.full(4, 0.5)) for g in first)
     assert len(first) == 10
+    _, asked = run(make(), 1)
+    np.testing.assert_array_equal(asked[0][0].genome, np.full(4, 0.5))
+    # More seeds than the population: all are evaluated in generation 0.
+    many = [np.full(4, v) for v in np.linspace(0.0, 1.0, 13)]
+    _, asked = run(make(seeds=many), 2)
+    assert len(asked[0]) == 13 and len(asked[1]) == 10
 
 
 def test_nsga2_tell_checks_the_generation():

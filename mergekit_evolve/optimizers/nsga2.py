@@ -32,18 +32,19 @@ from .base import Optimizer
 class NsgaOptimizer(Optimizer):
     """NSGA-II (``pymoo``) over the unit cube, every objective maximized.
 
-    The first generation is ``seeds`` (if any), then ``x0``, then uniform random
-    genomes up to ``population`` (more when there are more seeds: all of them are
-    evaluated, and survival keeps ``population``). Later generations are
-    ``population`` offspring (fewer only when pymoo cannot find enough that are not
-    duplicates).
+    The first generation is ``seeds`` (or, without seeds, ``x0``), then uniform
+    random genomes up to ``population`` (more when there are more seeds: all of them
+    are evaluated, and survival keeps ``population``). A data-flow space's seeds
+    begin with the first model's own path, which is where its ``x0`` leads. Later
+    generations are ``population`` offspring (fewer only when pymoo cannot find
+    enough that are not duplicates).
 
     :meth:`tell` takes one objective vector per candidate instead of one fitness.
 
     Args:
         config: The optimizer block (``population``, ``seed`` are used).
         dim: Genome length.
-        x0: A genome put in the first generation (the space's default start).
+        x0: The first genome of the first generation when there are no seeds.
         objectives: Number of objectives (``m >= 1``).
         seeds: Genomes put first in the first generation.
 
@@ -72,7 +73,7 @@ class NsgaOptimizer(Optimizer):
 
     def _initial(self, rng: np.random.Generator) -> np.ndarray:
         rows: list[np.ndarray] = []
-        for x in [*self.seeds, self.x0]:
+        for x in self.seeds or [self.x0]:
             if not any(np.array_equal(x, r) for r in rows):
                 rows.append(np.clip(x, 0.0, 1.0))
         fill = max(0, self.population() - len(rows))
