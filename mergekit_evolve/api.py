@@ -32,8 +32,13 @@ from mergekit.config import MergeConfiguration
 from .config import OptimizerConfig, RunConfig
 from .errors import CandidateError, ConfigError, MergekitEvolveError
 from .loading import load_config
-from .optimizer import Optimizer, make_optimizer
-from .prepare import make_builder, prepare_run
+from .optimizer import Optimizer
+from .prepare import (
+    make_builder,
+    make_search_optimizer,
+    objective_count,
+    prepare_run,
+)
 from .rundir import STATE_FILE, RunDir
 from .spaces.base import SearchSpace
 from .state import Candidate, Result
@@ -188,10 +193,10 @@ class Search:
             opt_config, max_evals=max_evals, seed=seed
         )
         self.config = config
-        self.optimizer: Optimizer = make_optimizer(
+        self.optimizer: Optimizer = make_search_optimizer(
+            self.space,
             self.optimizer_config,
-            self.space.dim,
-            self.space.x0(self.optimizer_config.x0),
+            objective_count(config) if config is not None else 1,
         )
         self._dtype = (
             dtype or (config.dtype if config else None) or self.space.dtype or "float32"

@@ -180,6 +180,12 @@ def _legacy(*names: str, **kwargs: Any):
     help="Validate, print the search size and the first candidate's mergekit "
     "YAML; build nothing.",
 )
+@click.option(
+    "--no-preflight",
+    is_flag=True,
+    help="With --dry-run: skip the checks that need the models' weights and the "
+    "tasks' data (to validate a config where they are not).",
+)
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 @click.option(
     "--wandb",
@@ -221,6 +227,7 @@ def main(
     retry_failed,
     cuda,
     dry_run,
+    no_preflight,
     no_progress,
     wandb,
     wandb_project,
@@ -234,6 +241,8 @@ def main(
     configure_logging(verbose)
     if (repair or retry_failed) and not resume:
         raise click.UsageError("--repair and --retry-failed go with --resume")
+    if no_preflight and not dry_run:
+        raise click.UsageError("--no-preflight goes with --dry-run")
     where: dict[str, str] = {}  # the run directory, once known (for the resume hint)
     signal.signal(signal.SIGTERM, _terminate)
     try:
@@ -254,7 +263,7 @@ def main(
             config,
             flags,
             {"resume": resume, "repair": repair, "retry_failed": retry_failed},
-            dry_run,
+            dry_run and ("no-preflight" if no_preflight else "full"),
             not no_progress,
             task_search_path=legacy["task_search_path"],
             extra=extra,
@@ -295,7 +304,7 @@ def _run(
     config_path: Path,
     flags: dict[str, Any],
     run_options: dict[str, bool],
-    dry_run: bool,
+    dry_run: str | bool,
     progress: bool,
     task_search_path=(),
     extra: dict[str, Any] | None = None,
@@ -333,7 +342,7 @@ def _run(
 
     evolution = make_evolution(config, progress=progress, build_zoo=not dry_run)
     if dry_run:
-        _print_dry_run(config, evolution)
+        _print_dry_run(config, evolution, preflight=dry_run != "no-preflight")
         return
     if where is not None:
         where["output"] = config.output.dir
@@ -349,16 +358,16 @@ def _run(
         )
 
 
-def _print_dry_run(config, evolution) -> None:
-    """One block per search (a hybrid has two stages): space, budget, first
-    candidate."""
+def _print_dry_run(config, evolution, preflight: bool = True) -> None:
+    """One block per search (a hybrid has two stages): space, budget, preflight,
+    first candidate."""
     if config.space.type == "hybrid":
         stages = [
             (f"stage {stage}: ", evolution.stage_config(stage), report)
-            for stage, report in evolution.dry_run()
+            for stage, report in evolution.dry_run(preflight=preflight)
         ]
     else:
-        stages = [("", config, evolution.dry_run())]
+        stages = [("", config, evolution.dry_run(preflight=preflight))]
     for prefix, stage_config, report in stages:
         click.echo(
             f"{prefix}search space: {stage_config.space.type}, {report.dim} genes; "

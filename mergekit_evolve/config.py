@@ -61,7 +61,7 @@ class OptimizerConfig(StrictModel):
         seed: Seed of the optimizer's random numbers.
     """
 
-    type: Literal["cma", "random"] = "cma"
+    type: Literal["cma", "random", "nsga2"] = "cma"
     population: int | None = Field(default=None, ge=2)
     sigma0: float = Field(default=1 / 6, gt=0, le=1)
     x0: float = Field(default=0.5, ge=0, le=1)
@@ -135,9 +135,27 @@ class FitnessConfig(EvalSuiteConfig):
     Attributes:
         task_dirs: Extra folders of lm-eval task YAMLs (the project's ``evals/`` is
             always included).
+        mode: ``single``: one fitness, the weighted mean of the task scores.
+            ``pareto``: one objective per task, searched with NSGA-II; the run
+            keeps the Pareto set and writes as ``best.yml`` the member with the
+            best first (target) task among those that keep every other task at
+            ``keep_fraction`` of the best source's score on it (else the best
+            target). See docs/optimizers.md.
+        keep_fraction: See ``mode``.
     """
 
     task_dirs: list[str] = Field(default_factory=list)
+    mode: Literal["single", "pareto"] = "single"
+    keep_fraction: float = Field(default=0.9, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _objectives(self) -> FitnessConfig:
+        if self.mode == "pareto" and len(self.tasks) < 2:
+            raise ValueError(
+                "mode: pareto searches one objective per task and needs at least "
+                f"two tasks, got {len(self.tasks)}"
+            )
+        return self
 
     @field_validator("tasks")
     @classmethod

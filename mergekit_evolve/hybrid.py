@@ -24,11 +24,11 @@ DFS candidates were built from would change under them.
 
 The DFS stage can only improve the fitness: its layout starts with the PS model and
 ``init: first_model`` puts the search mean ``x0`` on the PS model's own layer stack with
-unit scales, and :class:`X0FirstOptimizer` makes that genome the run's first candidate
-(index 0), so the PS model is scored in the DFS stage like any candidate. The hybrid's
-result is the DFS stage's best when its fitness beats the PS model's by more than
-``min_gain`` (default 0), else the PS model itself. Held-out scores can still drop: a
-candidate fitter on the fitness set may generalize worse. That is reported
+unit scales, and the data-flow search's first seed is that path: the run's first
+candidate (index 0), so the PS model is scored in the DFS stage like any candidate. The
+hybrid's result is the DFS stage's best when its fitness beats the PS model's by more
+than ``min_gain`` (default 0), else the PS model itself. Held-out scores can still drop:
+a candidate fitter on the fitness set may generalize worse. That is reported
 (``stages``/``dfs_vs_ps`` in ``summary.json``, the held-out rows of both stages, and a
 warning), not hidden: choosing by held-out scores would make them no longer held out.
 """
@@ -41,19 +41,17 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import yaml
 
 from . import report
 from .config import HybridSpaceConfig, RunConfig, validate_config
 from .errors import ConfigError, MergekitEvolveError, ResumeError
 from .loop import DryRun, Evolution
-from .optimizer import Optimizer
 from .prepare import make_builder, planned_model_config
 from .rundir import (
     BEST_FILE,
@@ -64,47 +62,14 @@ from .rundir import (
     History,
     RunDir,
 )
+from .seeding import dataflow_seed_genomes
 from .sources import read_model_info, resolve_model_path
-from .state import Candidate, RunState
 
 logger = logging.getLogger(__name__)
 
 PS_DIR = "ps"
 DFS_DIR = "dfs"
 MANIFEST_FILE = "hybrid.json"
-
-
-class X0FirstOptimizer(Optimizer):
-    """Wraps an optimizer so that the run's first candidate is ``x0`` itself.
-
-    CMA-ES samples around its mean and never evaluates it. Replacing the first sample
-    of the first generation by the mean is harmless to the update: at generation 0 the
-    mean is ``x0``, so that candidate is a zero step (``(x - m) / sigma = 0``).
-
-    Args:
-        inner: The optimizer that proposes everything else.
-    """
-
-    def __init__(self, inner: Optimizer) -> None:
-        super().__init__(inner.config, inner.dim, inner.x0)
-        self.inner = inner
-
-    def population(self) -> int:
-        return self.inner.population()
-
-    def start(self, state: RunState) -> None:
-        self.inner.start(state)
-
-    def _ask(self, state: RunState) -> np.ndarray:
-        genomes = np.array(self.inner._ask(state), dtype=float)
-        if state.asked == 0:
-            genomes[0] = self.x0
-        return genomes
-
-    def tell(
-        self, state: RunState, candidates: Sequence[Candidate], fitness: Sequence[float]
-    ) -> None:
-        self.inner.tell(state, candidates, fitness)
 
 
 def _digest(path: Path) -> str:
@@ -273,14 +238,15 @@ class HybridEvolution:
                 build_zoo=self.build_zoo,
                 planned_models=planned,
             )
+        # The data-flow search is seeded with every model's own path, the PS model's
+        # first (its models list starts with it): candidate 0 is the PS model.
         space = evolution.space
-        start = space.decode_path(space.x0(self.dfs_config.optimizer.x0))
-        if start != space.identity_path(self.hybrid.ps_name):
+        first = dataflow_seed_genomes(space, self.dfs_config.optimizer.sigma0)[0]
+        if space.decode_path(first) != space.identity_path(self.hybrid.ps_name):
             raise ConfigError(
-                "space.dfs: the DFS stage's x0 does not decode to the PS model's own "
+                "space.dfs: the DFS stage's first candidate is not the PS model's own "
                 "layer stack"
             )
-        evolution.optimizer = X0FirstOptimizer(evolution.optimizer)
         return evolution
 
     def _ps_heldout(self) -> dict[str, Any] | None:
@@ -300,15 +266,15 @@ class HybridEvolution:
         """The run config of a stage (``"ps"`` or ``"dfs"``)."""
         return self.ps_config if stage == PS_DIR else self.dfs_config
 
-    def dry_run(self) -> list[tuple[str, DryRun]]:
+    def dry_run(self, preflight: bool = True) -> list[tuple[str, DryRun]]:
         """Each stage's search size and first candidate; builds nothing. The DFS
         stage's first candidate is the PS model's own layer stack."""
         stages = (
-            [(PS_DIR, self.ps_evolution.dry_run())]
+            [(PS_DIR, self.ps_evolution.dry_run(preflight))]
             if self.ps_evolution is not None
             else []
         )
-        return [*stages, (DFS_DIR, self.dfs_evolution.dry_run())]
+        return [*stages, (DFS_DIR, self.dfs_evolution.dry_run(preflight))]
 
     def run(
         self, resume: bool = False, repair: bool = False, retry_failed: bool = False
@@ -437,7 +403,7 @@ class HybridEvolution:
             ps = json.loads(
                 (self.run_dir / PS_DIR / SUMMARY_FILE).read_text(encoding="utf-8")
             )
-        # Candidate 0 is the PS model (X0FirstOptimizer).
+        # Candidate 0 is the PS model (the first seed of the data-flow search).
         first = next(r for r in History(self.run_dir / DFS_DIR).read() if r.index == 0)
         run_dir = self.run_dir.resolve()
         return report.hybrid_summary(
@@ -469,4 +435,4 @@ def _stage_done(stage_dir: Path, config: RunConfig) -> bool:
     return state.finished and len(stage.results()) >= config.optimizer.max_evals
 
 
-__all__ = ["HybridEvolution", "X0FirstOptimizer"]
+__all__ = ["HybridEvolution"]

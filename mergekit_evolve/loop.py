@@ -22,9 +22,14 @@ from .builder import Builder
 from .config import RunConfig
 from .errors import MergekitEvolveError
 from .evaluator import Evaluator
-from .optimizer import Optimizer, make_optimizer
+from .optimizer import Optimizer
 from .preflight import check_candidate, check_sources
-from .prepare import PreparedRun, prepare_run
+from .prepare import (
+    PreparedRun,
+    make_search_optimizer,
+    objective_count,
+    prepare_run,
+)
 from .rundir import BEST_FILE, FINAL_DIR, LOG_FILE, SUMMARY_FILE, RunDir, log_to_file
 from .runners import make_runner
 from .sources import SourceSet
@@ -91,8 +96,8 @@ class Evolution:
         self.prepared: PreparedRun = prepare_run(
             config, build=build_zoo, planned_models=planned_models
         )
-        self.optimizer: Optimizer = make_optimizer(
-            config.optimizer, self.space.dim, self.space.x0(config.optimizer.x0)
+        self.optimizer: Optimizer = make_search_optimizer(
+            self.space, config.optimizer, objective_count(config)
         )
         self._runner_stats: Any = None
         self._heldout_eval: Evaluator | None = None
@@ -107,7 +112,7 @@ class Evolution:
 
     # -- dry run --------------------------------------------------------------------
 
-    def dry_run(self) -> DryRun:
+    def dry_run(self, preflight: bool = True) -> DryRun:
         """The search dimension and the first candidate's mergekit YAML, after the
         preflight checks when every source exists (models a run would build first,
         such as the toy zoo, cannot be checked yet); writes nothing.
@@ -119,17 +124,19 @@ class Evolution:
         self.optimizer.start(state)
         first = np.asarray(self.optimizer.ask(state)[0].genome, dtype=float)
         recipe = self.space.recipe_yaml(first, self.space.decode(first))
-        if all(Path(m.path).is_dir() for m in self.sources.models):
+        if not preflight:
+            checked = "skipped (--no-preflight)"
+        elif all(Path(m.path).is_dir() for m in self.sources.models):
             self.preflight(make_worker(self.config, self.sources, self.space))
-            preflight = "passed"
+            checked = "passed"
         else:
-            preflight = "skipped (source models not built yet)"
+            checked = "skipped (source models not built yet)"
         return DryRun(
             self.space.dim,
             self.space.gene_names(),
             len(state.pending),
             recipe,
-            preflight,
+            checked,
         )
 
     # -- the search -----------------------------------------------------------------
@@ -239,7 +246,7 @@ class Evolution:
                     )
                     if study.state.generation > generation:
                         _stop_if_all_failed(study, generation)
-        return self._finish(study, worker.builder, trackers)
+        return self._finish(study, worker, trackers)
 
     @staticmethod
     def _show_best(bar: tqdm, study: Study) -> None:
@@ -252,13 +259,24 @@ class Evolution:
     # -- final outputs --------------------------------------------------------------
 
     def _finish(
-        self, study: Study, builder: Builder, trackers: TrackerGroup
+        self, study: Study, worker: Worker, trackers: TrackerGroup
     ) -> dict[str, Any]:
+        builder = worker.builder
         best = study.best
         if best is None:
             raise MergekitEvolveError(
                 f"every one of {len(study.results)} candidates failed; see "
                 f"{self.run_dir / 'history.jsonl'}"
+            )
+        pareto = None
+        if self.config.fitness.mode == "pareto":
+            pareto = self._pareto_set(study, worker)
+            best = study.results[pareto["choice"]["index"]]
+        no_signal = no_signal_reason(study, best)
+        if no_signal:
+            logger.warning(
+                "the search found no signal (%s): best.yml is not an evolved merge",
+                no_signal,
             )
         from mergekit.config import MergeConfiguration
 
@@ -288,6 +306,11 @@ class Evolution:
         )
         summary["merge_seed"] = self.config.merge_seed
         summary["rebuild"] = rebuild_command(self.config.merge_seed)
+        if no_signal:
+            summary["no_signal"] = no_signal
+        if pareto is not None:
+            summary["pareto"] = pareto["members"]
+            summary["pareto_choice"] = pareto["choice"]
         if self._runner_stats is not None:
             summary["runner"] = self._runner_stats()
         report.write_summary(summary, self.run_dir / SUMMARY_FILE)
@@ -300,6 +323,73 @@ class Evolution:
         )
         trackers.log_final(summary, plots)
         return summary
+
+    def _pareto_set(self, study: Study, worker: Worker) -> dict[str, Any]:
+        """The Pareto set of a ``fitness.mode: pareto`` run: every member scored on
+        the held-out tasks, written to ``pareto.jsonl`` (and ``pareto.png``), and the
+        member chosen for ``best.yml`` by the rule of ``fitness.keep_fraction``
+        (:func:`~mergekit_evolve.optimizers.pareto.choose_pareto_member`), which
+        needs the sources' scores on the fitness tasks."""
+        from .optimizers.pareto import choose_pareto_member
+
+        fitness = self.config.fitness
+        ok = [r for r in study.history() if r.ok and r.objectives is not None]
+        points = [r.objectives for r in ok]
+        builder, evaluator = worker.builder, worker.evaluator
+        sources: dict[str, list[float]] = {}
+        for model in self.sources.models:
+            built = builder.load(model.path)
+            metrics = evaluator.evaluate(built.model, built.tokenizer).metrics
+            sources[model.name] = objective.objectives(metrics, fitness.tasks)
+        choice = choose_pareto_member(
+            points, list(sources.values()), fitness.keep_fraction
+        )
+        heldout = self._heldout_evaluator()
+        members = []
+        for i in choice.front:
+            result = ok[i]
+            entry: dict[str, Any] = {
+                "index": result.index,
+                "fitness": objective.scores(result.metrics, fitness.tasks),
+                "chosen": i == choice.index,
+            }
+            if heldout is not None:
+                built = builder.build(self._merge_config(result))
+                metrics = heldout.evaluate(built.model, built.tokenizer).metrics
+                entry["heldout"] = objective.scores(metrics, self.config.heldout.tasks)
+            members.append(entry)
+        report.write_pareto_set(self.run_dir.path, members)
+        if self.config.output.plots:
+            tasks = [t.task for t in fitness.tasks]
+            report.plot_pareto(
+                self.run_dir / report.PARETO_PLOT,
+                tasks,
+                [list(objective.scores(r.metrics, fitness.tasks).values()) for r in ok],
+                members,
+                {
+                    name: [
+                        v if spec.higher_is_better else -v
+                        for v, spec in zip(values, fitness.tasks, strict=True)
+                    ]
+                    for name, values in sources.items()
+                },
+                f"{self.config.name}: Pareto set of {len(ok)} candidates",
+            )
+        return {
+            "members": members,
+            "choice": {
+                "index": ok[choice.index].index,
+                "rule": choice.rule,
+                "keep_fraction": fitness.keep_fraction,
+                "sources": sources,
+            },
+        }
+
+    @staticmethod
+    def _merge_config(result):
+        from mergekit.config import MergeConfiguration
+
+        return MergeConfiguration.model_validate(result.merge_config)
 
     def _heldout(self, best_config, builder: Builder) -> dict[str, Any]:
         """Held-out scores of the best candidate, every source and every baseline."""
@@ -355,3 +445,15 @@ def _stop_if_all_failed(study: Study, generation: int) -> None:
             f"the first: {first.error}. Results so far are saved; fix the cause, "
             "then continue with --resume --retry-failed"
         )
+
+
+def no_signal_reason(study: Study, best) -> str | None:
+    """Why a search's "best" is no evolved result, if it is not: every success
+    scored the same, or the best is candidate 0 (the start: ``x0``, or a data-flow
+    search's first seed, the first model's own path)."""
+    ok = [r.fitness for r in study.results.values() if r.ok]
+    if len(ok) > 1 and max(ok) == min(ok):
+        return f"all {len(ok)} successful candidates scored {ok[0]:.4f}"
+    if best.index == 0 and len(study.results) > 1:
+        return "the best is candidate 0, where the search started"
+    return None

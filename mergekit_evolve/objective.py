@@ -47,6 +47,15 @@ def fitness(metrics: Metrics, specs: Sequence[TaskSpec]) -> float:
     return value / sum(weights)
 
 
+def objectives(metrics: Metrics, specs: Sequence[TaskSpec]) -> list[float]:
+    """One objective per task for Pareto search, each maximized (a
+    ``higher_is_better: false`` score enters negated, as in :func:`fitness`)."""
+    return [
+        task_score(metrics, s) if s.higher_is_better else -task_score(metrics, s)
+        for s in specs
+    ]
+
+
 def scores(metrics: Metrics, specs: Sequence[TaskSpec]) -> dict[str, float]:
     """``{task: score}`` for reports (in each metric's own direction)."""
     return {spec.task: task_score(metrics, spec) for spec in specs}

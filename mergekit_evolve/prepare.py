@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from .builder import Builder
-from .config import EvalSuiteConfig, RunConfig
+from .config import EvalSuiteConfig, OptimizerConfig, RunConfig
 from .errors import ConfigError
 from .evaluator import Evaluator
+from .optimizer import Optimizer
 from .sources import SourceSet, load_sources
 from .spaces import SearchSpace, make_space
 from .tasks import task_manager_for
@@ -104,6 +105,48 @@ def _toy_models(config: RunConfig, build: bool) -> dict[str, dict[str, Any]]:
         zoo_dir = config.toy_zoo.dir if config.toy_zoo else None
         planned.update(plan_toy_vlm(config.vlm, zoo_dir, build))
     return planned
+
+
+def make_search_optimizer(
+    space: SearchSpace, settings: OptimizerConfig, objectives: int = 1
+) -> Optimizer:
+    """The optimizer of a search over ``space``: what every entry point uses.
+
+    A data-flow space's genomes are mixed (binary indicators, continuous scales)
+    and its good paths are often splices that no small step from one model's own
+    path reaches, so its first generation is seeded with every model's own path and
+    every single splice, and its indicators get CMA-ES's margin
+    (``docs/optimizers.md``, ``benchmarks/mixed_genomes.py``). A config written as
+    before gets this without new keys.
+
+    Args:
+        space: The search space.
+        settings: The ``optimizer`` block.
+        objectives: Objectives told per candidate (``fitness.mode: pareto``: one per
+            fitness task).
+    """
+    from .optimizer import make_optimizer
+    from .spaces.dataflow import DataflowSpace
+
+    seeds = discrete = None
+    if isinstance(space, DataflowSpace):
+        from .seeding import dataflow_binary_genes, dataflow_seed_genomes
+
+        seeds = dataflow_seed_genomes(space, settings.sigma0)
+        discrete = dataflow_binary_genes(space)
+    return make_optimizer(
+        settings,
+        space.dim,
+        space.x0(settings.x0),
+        seeds=seeds,
+        discrete=discrete,
+        objectives=objectives,
+    )
+
+
+def objective_count(config: RunConfig) -> int:
+    """Objectives per candidate: one per fitness task in Pareto mode, else one."""
+    return len(config.fitness.tasks) if config.fitness.mode == "pareto" else 1
 
 
 def make_builder(config: RunConfig, sources: SourceSet) -> Builder:

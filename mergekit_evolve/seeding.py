@@ -10,7 +10,7 @@ then recentres the wrapped optimizer on the best of them, so the search starts w
 the signal is.
 
 ``SeededOptimizer(inner, [x0])`` makes candidate 0 the ``x0`` genome, which is what
-``hybrid.X0FirstOptimizer`` does (without spending the rest of a generation on it).
+the hybrid once did with a wrapper (now the seeds do it).
 """
 
 from __future__ import annotations

@@ -36,6 +36,8 @@ class Result:
         metrics: Raw lm-eval metrics, ``{task: {"metric,filter": value}}``.
         merge_config: The decoded mergekit configuration (``MergeConfiguration`` dump).
         genes: The genome's genes by name, in their real ranges.
+        objectives: One score per fitness task, each maximized (what a Pareto
+            search is told; :func:`~mergekit_evolve.objective.objectives`).
         error: ``"ErrorType: message"`` for failed candidates.
     """
 
@@ -47,6 +49,7 @@ class Result:
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     merge_config: dict[str, Any] | None = None
     genes: dict[str, float] = field(default_factory=dict)
+    objectives: list[float] | None = None
     error: str | None = None
     build_seconds: float = 0.0
     eval_seconds: float = 0.0
@@ -106,6 +109,6 @@ class RunState:
     optimizer: dict[str, Any] = field(default_factory=dict)
     pending: list[Candidate] = field(default_factory=list)
     best: Result | None = None
-    penalties: dict[int, float] = field(default_factory=dict)
+    penalties: dict[int, float | list[float]] = field(default_factory=dict)
     finished: bool = False
     wall_seconds: float = 0.0

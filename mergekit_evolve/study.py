@@ -45,6 +45,19 @@ def told_fitness(generation: Sequence[Result], known: Sequence[Result]) -> list[
     return [r.fitness if r.ok else penalty for r in generation]
 
 
+def told_objectives(
+    generation: Sequence[Result], known: Sequence[Result], count: int
+) -> list[list[float]]:
+    """:func:`told_fitness` for a Pareto search: one vector per candidate, and for a
+    failure the penalty of each objective on its own."""
+    ok = [r.objectives for r in known if r.ok and r.objectives is not None]
+    penalty = [failure_penalty([o[j] for o in ok]) for j in range(count)]
+    return [
+        list(r.objectives) if r.ok and r.objectives is not None else penalty
+        for r in generation
+    ]
+
+
 def _latest(results: Sequence[Result]) -> dict[int, Result]:
     """Results by index; a candidate retried after failing keeps its newest line."""
     out: dict[int, Result] = {}
@@ -183,12 +196,18 @@ class Study:
     def _generation_complete(self) -> bool:
         return all(c.index in self.results for c in self.state.pending)
 
+    def _told(self, generation: list[Result], known: list[Result]) -> list:
+        count = getattr(self.optimizer, "objectives", 1)
+        if count > 1:
+            return told_objectives(generation, known, count)
+        return told_fitness(generation, known)
+
     def _tell(self) -> None:
         candidates = self.state.pending
         generation = [self.results[c.index] for c in candidates]
-        fitness = told_fitness(generation, list(self.results.values()))
-        self.optimizer.tell(self.state, candidates, fitness)
-        for result, value in zip(generation, fitness, strict=True):
+        told = self._told(generation, list(self.results.values()))
+        self.optimizer.tell(self.state, candidates, told)
+        for result, value in zip(generation, told, strict=True):
             if not result.ok:
                 self.state.penalties[result.index] = value
         self.state.generation += 1
@@ -224,7 +243,7 @@ class Study:
             if len(recorded) < len(candidates):
                 break  # this generation is the pending one
             generation = [self.results[c.index] for c in candidates]
-            fitness = told_fitness(
+            fitness = self._told(
                 generation,
                 [r for r in self.results.values() if r.generation <= state.generation],
             )

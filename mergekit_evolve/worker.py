@@ -74,6 +74,7 @@ class Worker:
             result.eval_seconds = scored.seconds
             result.metrics = scored.metrics
             fitness = objective.fitness(scored.metrics, self.tasks)
+            result.objectives = objective.objectives(scored.metrics, self.tasks)
             if not math.isfinite(fitness):
                 raise EvalError(f"fitness is {fitness}")
             result.fitness, result.status = fitness, "ok"

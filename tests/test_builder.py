@@ -203,9 +203,7 @@ def test_randomized_merges_are_reproducible_with_their_seed(
         }
     )
     builder = Builder(tokenizer_path=str(tiny_models["base"]), random_seed=1234)
-    scored = {
-        k: v.clone() for k, v in builder.build(config).model.state_dict().items()
-    }
+    scored = {k: v.clone() for k, v in builder.build(config).model.state_dict().items()}
     again = builder.build(config).model.state_dict()
     builder.save(config, tmp_path / "final")
     run_merge(

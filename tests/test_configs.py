@@ -29,7 +29,8 @@ def test_committed_config_dry_runs_offline(config, monkeypatch, tmp_path):
         "MERGEKIT_EVOLVE_MODEL_ROOT", str(REPO / "tests" / "fixtures" / "models")
     )
     monkeypatch.chdir(tmp_path)  # configs must not depend on the working directory
-    result = CliRunner().invoke(main, [str(config), "--dry-run"])
+    # No weights or task data here: validate and decode only.
+    result = CliRunner().invoke(main, [str(config), "--dry-run", "--no-preflight"])
     assert result.exit_code == 0, result.output
     assert "search space:" in result.output and " genes" in result.output
     # Each stage's first candidate is a valid mergekit config.

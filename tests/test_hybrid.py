@@ -6,36 +6,14 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 from conftest import REPO, tiny_config
 
-from mergekit_evolve.config import OptimizerConfig
 from mergekit_evolve.errors import ConfigError, ResumeError
-from mergekit_evolve.hybrid import HybridEvolution, X0FirstOptimizer
+from mergekit_evolve.hybrid import HybridEvolution
 from mergekit_evolve.loading import load_config, parse_config
 from mergekit_evolve.loop import Evolution
-from mergekit_evolve.optimizer import make_optimizer
 from mergekit_evolve.prepare import planned_model_config
-from mergekit_evolve.state import RunState
-
-
-def test_x0_first_optimizer_evaluates_x0_once():
-    config = OptimizerConfig(type="cma", population=5, seed=3)
-    x0 = np.linspace(0.2, 0.8, 6)
-    wrapped = X0FirstOptimizer(make_optimizer(config, 6, x0))
-    plain = make_optimizer(config, 6, x0)
-    state, reference = RunState(config_hash="h"), RunState(config_hash="h")
-    wrapped.start(state)
-    plain.start(reference)
-    first = wrapped.ask(state)
-    assert np.array_equal(first[0].genome, x0)
-    # The other samples are CMA-ES's own.
-    assert [c.genome for c in first[1:]] == [c.genome for c in plain.ask(reference)[1:]]
-    wrapped.tell(state, first, [0.0, 1.0, 0.5, 0.2, 0.1])
-    second = wrapped.ask(state)
-    assert not any(np.allclose(c.genome, x0) for c in second)
-    assert [c.index for c in second] == [5, 6, 7, 8, 9]
 
 
 def _hybrid(toy_zoo, run_dir: Path, **space) -> dict:
@@ -261,7 +239,13 @@ def test_ja_math_configs_dry_run_offline(name, monkeypatch):
         "MERGEKIT_EVOLVE_MODEL_ROOT", str(REPO / "tests" / "fixtures" / "models")
     )
     result = CliRunner().invoke(
-        main, [str(REPO / "configs" / f"{name}.yml"), "--dry-run", "--no-cuda"]
+        main,
+        [
+            str(REPO / "configs" / f"{name}.yml"),
+            "--dry-run",
+            "--no-preflight",
+            "--no-cuda",
+        ],
     )
     assert result.exit_code == 0, result.output
     if name == "ja_math_hybrid":

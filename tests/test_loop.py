@@ -290,11 +290,13 @@ def test_failing_candidates_are_recorded_and_the_run_goes_on(
 
     def flaky_build(self, config):
         calls["build"] += 1
-        if calls["build"] == 3:
+        if calls["build"] == 4:  # the preflight built first
             raise BuildError("injected merge failure")
         return real_build(self, config)
 
-    def flaky_evaluate(self, model, tokenizer):
+    def flaky_evaluate(self, model, tokenizer, limit=None):
+        if limit is not None:  # the preflight's look at two documents
+            return real_evaluate(self, model, tokenizer, limit=limit)
         calls["eval"] += 1
         if calls["eval"] == 5:
             raise EvalError("injected lm-eval failure")
@@ -330,21 +332,49 @@ def test_failing_candidates_are_recorded_and_the_run_goes_on(
         assert state.penalties[r.index] < min(known)
 
 
-def test_a_run_where_every_candidate_fails_exits_1(
+def broken_after_preflight(monkeypatch, message: str) -> None:
+    """Every build fails, except the preflight's (a fault that starts later, such
+    as a model folder that goes missing)."""
+    real = Builder.build
+    calls = {"n": 0}
+
+    def build(self, config):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            return real(self, config)
+        raise BuildError(message)
+
+    monkeypatch.setattr(Builder, "build", build)
+
+
+def test_a_generation_that_fails_whole_stops_the_run_with_exit_1(
     tiny_models, tmp_path, write_config, monkeypatch
 ):
+    """Seen on main 3903bf4: a fault failed every candidate until the budget was
+    spent. Now the first generation that fails whole stops the run, with its first
+    error and how to go on; --resume --retry-failed evaluates them again."""
     from conftest import tiny_config
 
-    def broken(self, config):
-        raise BuildError("always")
-
-    monkeypatch.setattr(Builder, "build", broken)
+    broken_after_preflight(monkeypatch, "model folder gone")
     path = write_config(
         tiny_config(tiny_models, tmp_path / "run", heldout={"tasks": []})
     )
     result = CliRunner().invoke(main, [str(path), "--no-progress"])
     assert result.exit_code == 1
-    assert "every one of 8 candidates failed" in result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert "every candidate of generation 0 failed (4)" in line
+    assert "BuildError: model folder gone" in line
+    assert "--resume --retry-failed" in line
+    assert len(History(tmp_path / "run").read()) == 4  # not the whole budget of 8
+
+    monkeypatch.undo()  # the fault is fixed
+    retried = CliRunner().invoke(
+        main, [str(path), "--no-progress", "--resume", "--retry-failed"]
+    )
+    assert retried.exit_code == 0, retried.output
+    results = RunDir(tmp_path / "run").results()
+    latest = {r.index: r for r in results}
+    assert sorted(latest) == list(range(8)) and all(r.ok for r in latest.values())
 
 
 def test_dry_run_prints_size_and_first_candidate_and_writes_nothing(
@@ -374,9 +404,7 @@ def test_version_names_this_project():
 def test_all_candidates_failing_raises_in_the_api(tiny_models, tmp_path, monkeypatch):
     from conftest import tiny_config
 
-    monkeypatch.setattr(
-        Builder, "build", lambda self, c: (_ for _ in ()).throw(BuildError("x"))
-    )
+    broken_after_preflight(monkeypatch, "x")
     config = parse_config(
         tiny_config(tiny_models, tmp_path / "run", heldout={"tasks": []}), "t", None
     )
@@ -424,3 +452,66 @@ def test_a_dare_ties_run_rebuilds_bit_for_bit_with_mergekit_yaml(
     final, theirs = tensors(run_dir / "final"), tensors(rebuilt)
     assert final.keys() == theirs.keys() and final
     assert all(final[k].equal(theirs[k]) for k in final)
+
+
+def test_a_run_without_signal_says_so(tiny_models, tmp_path):
+    """Untrained models answer nothing right: every candidate scores the same. The
+    run says so (a warning, summary.json, the report's label) instead of calling
+    candidate 0 the evolved best (seen on main 3903bf4, silently)."""
+    from conftest import tiny_config
+
+    from mergekit_evolve.report import heldout_rows
+
+    data = tiny_config(tiny_models, tmp_path / "run")
+    summary = Evolution(parse_config(data, "c.yml", None)).run()
+    assert summary["no_signal"] == "all 8 successful candidates scored 0.0000"
+    written = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert written["no_signal"] == summary["no_signal"]
+    labels = [label for label, _ in heldout_rows(written)]
+    assert labels[-1].startswith("evolved best (no signal: all 8")
+    assert "no signal" in (tmp_path / "run" / "run.log").read_text()
+
+
+def test_a_pareto_run_writes_its_set_and_resumes_to_the_same_set(
+    toy_zoo, tmp_path, write_config
+):
+    """fitness.mode: pareto: NSGA-II over one objective per task; the run writes
+    pareto.jsonl and pareto.png, puts every member with its held-out scores in
+    summary.json, and a run killed by SIGKILL ends with the same Pareto set."""
+    tasks = [{"task": "toy_ja_sub_fitness"}, {"task": "toy_sub_ascii"}]
+
+    def config_for(run_dir: Path) -> dict:
+        return toy_run_config(
+            toy_zoo,
+            run_dir,
+            30,
+            fitness={"tasks": tasks, "limit": 40, "mode": "pareto"},
+            heldout={"tasks": [{"task": "toy_ja_sub_heldout"}], "limit": 40},
+        )
+
+    reference = Evolution(parse_config(config_for(tmp_path / "ref"), "t", None)).run()
+    members = reference["pareto"]
+    assert members and sum(m["chosen"] for m in members) == 1
+    assert all(set(m["fitness"]) == {t["task"] for t in tasks} for m in members)
+    assert all("toy_ja_sub_heldout" in m["heldout"] for m in members)
+    chosen = next(m for m in members if m["chosen"])
+    assert reference["fitness"]["best_index"] == chosen["index"]
+    assert reference["pareto_choice"]["rule"] in ("keeps_sources", "best_target")
+    lines = (tmp_path / "ref" / "pareto.jsonl").read_text().splitlines()
+    assert [json.loads(line)["index"] for line in lines] == [
+        m["index"] for m in members
+    ]
+    assert (tmp_path / "ref" / "pareto.png").stat().st_size > 10_000
+
+    run_dir = tmp_path / "killed"
+    config = write_config(config_for(run_dir))
+    process = start_run(config)
+    wait_for_lines(run_dir / "history.jsonl", 14, process)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+    resumed = start_run(config, "--resume")
+    _, stderr = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, stderr
+    again = json.loads((run_dir / "summary.json").read_text())
+    assert [m["index"] for m in again["pareto"]] == [m["index"] for m in members]
+    assert again["pareto_choice"]["index"] == reference["pareto_choice"]["index"]

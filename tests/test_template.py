@@ -370,7 +370,7 @@ def test_toy_template_run_writes_the_template_with_markers_filled(
     config = load_config(REPO / "configs" / "toy_template.yml").with_overrides(
         **{
             "output.dir": str(tmp_path / "run"),
-            "optimizer.max_evals": 4,
+            "optimizer.max_evals": 8,
             "fitness.limit": 20,
             "heldout.tasks": [],
             "output.save_final": False,
@@ -382,7 +382,10 @@ def test_toy_template_run_writes_the_template_with_markers_filled(
     ] == ["base", "math", "ja"]
     summary = Evolution(config).run()
     template = (REPO / "configs" / "toy_template.merge.yml").read_text(encoding="utf-8")
-    best = (tmp_path / "run" / "best.yml").read_text(encoding="utf-8")
+    header, best = (
+        (tmp_path / "run" / "best.yml").read_text(encoding="utf-8").split("\n", 1)
+    )
+    assert header == "# rebuild: mergekit-yaml best.yml OUT --random-seed 0"
 
     # An independent check: the template text with each marker (and each relative
     # model path) replaced by a capture group must match best.yml exactly.

@@ -317,3 +317,51 @@ def test_group_start_errors_reach_the_caller(tmp_path: Path):
 
     with pytest.raises(ConfigError, match="could not start"):
         TrackerGroup([_NoStart()]).start("r", {}, tmp_path)
+
+
+# -- through the command line -----------------------------------------------------------
+
+
+def test_the_legacy_wandb_flags_track_a_run_offline(
+    wandb_offline: Path, tiny_models, write_config
+):
+    """`mergekit-evolve CONFIG --wandb --wandb-project p` (mergekit's deprecated
+    flags; seen on main 3903bf4: rejected) and --tensorboard, offline: every
+    candidate and the final table are readable afterwards."""
+    pytest.importorskip("tensorboard")
+    from click.testing import CliRunner
+    from conftest import tiny_config
+    from tensorboard.backend.event_processing.event_accumulator import (
+        EventAccumulator,
+    )
+
+    from mergekit_evolve.cli import main
+
+    run_dir = wandb_offline / "run"
+    path = write_config(tiny_config(tiny_models, run_dir))
+    args = [str(path), "--no-progress", "--wandb", "--wandb-project", "p"]
+    result = CliRunner().invoke(main, [*args, "--tensorboard"])
+    assert result.exit_code == 0, result.output
+    history = [
+        json.loads(line)
+        for line in (run_dir / "history.jsonl").read_text().splitlines()
+    ]
+
+    run_id = json.loads((run_dir / TRACKING_FILE).read_text())["wandb_run_id"]
+    records = wait_for_wandb_log(run_dir, run_id)
+    run = next(r.run for r in records if r.HasField("run"))
+    assert run.project == "p" and run.display_name == "test"
+    steps = {h["_step"]: h for h in wandb_history(records) if "_step" in h}
+    assert sorted(steps) == list(range(8))
+    assert [steps[i]["candidate/index"] for i in range(8)] == [
+        r["index"] for r in history
+    ]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    tracked = wandb_summary(records)
+    assert tracked["final/best_fitness"] == summary["fitness"]["best"]
+    best = summary["heldout"]["best"]["toy_ja_sub_heldout"]
+    assert tracked["heldout/toy_ja_sub_heldout/best"] == best
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("candidate/failed")] == list(range(8))

@@ -21,6 +21,7 @@ from .card import (
 )
 from .cli import main
 from .hybrid import hybrid_summary
+from .pareto import PARETO_PLOT, plot_pareto, write_pareto_set
 from .plots import (
     draw_plots,
     fitness_figure,
@@ -57,6 +58,9 @@ __all__ = [
     "heldout_figure",
     "fitness_rows",
     "heldout_rows",
+    "PARETO_PLOT",
+    "plot_pareto",
+    "write_pareto_set",
     "hybrid_summary",
     "load_run",
     "main",

@@ -106,6 +106,9 @@ def hybrid_summary(
         "heldout": heldout,
         "dfs_vs_ps": dfs_vs_ps,
     }
+    # The DFS stage's own note ("the best is candidate 0", the PS model) is what
+    # min_gain's selection already reports for the hybrid.
+    summary.pop("no_signal", None)
     if selected == PS_DIR:
         # The PS model as scored in the DFS stage (candidate 0), and its own files.
         summary["fitness"] = {

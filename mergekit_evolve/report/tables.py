@@ -81,13 +81,14 @@ def baseline_label(name: str, summary: Mapping[str, Any]) -> str:
 
 
 def heldout_rows(
-    summary: Mapping[str, Any], best_label: str = "evolved best"
+    summary: Mapping[str, Any], label: str | None = None
 ) -> list[tuple[str, dict[str, float]]]:
     """(label, {task: score}) rows: sources, baselines, stages, then the best.
 
     Args:
         summary: A run's ``summary.json``.
-        best_label: The label of the best candidate's row.
+        label: The label of the best candidate's row (default: ``evolved best``,
+            with the run's no-signal note, see :func:`signal_note`).
 
     Returns:
         The rows, in table order.
@@ -107,13 +108,22 @@ def heldout_rows(
         for stage, scores in heldout.get("stages", {}).items()
     ]
     if "best" in heldout:
-        rows.append((best_label, heldout["best"]))
+        rows.append((label or "evolved best" + signal_note(summary), heldout["best"]))
     return rows
 
 
 def best_label(summary: Mapping[str, Any]) -> str:
-    """``PS best``, ``DFS best``... by the run's space type."""
-    return BEST_LABELS.get(summary.get("space", {}).get("type"), "evolved best")
+    """``PS best``, ``DFS best``... by the run's space type; a run whose search found
+    no signal says so (``summary["no_signal"]``)."""
+    label = BEST_LABELS.get(summary.get("space", {}).get("type"), "evolved best")
+    return label + signal_note(summary)
+
+
+def signal_note(summary: Mapping[str, Any]) -> str:
+    """`` (no signal: WHY)`` for a run whose search found nothing better than where
+    it started (``summary["no_signal"]``), else ``""``."""
+    reason = summary.get("no_signal")
+    return f" (no signal: {reason})" if reason else ""
 
 
 def comparison_rows(
