@@ -8,13 +8,14 @@ BIN := $(VENV)/bin
 # the CPU wheel on CPU-only machines. GPU users install their CUDA torch before `make`.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test install clean
+.PHONY: demo test lint install clean
 
 $(BIN)/mergekit-evolve: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[dev,ja,ray]"
+	@echo "Installing torch, then mergekit, lm-eval and the rest (a few minutes the first time)"
+	$(BIN)/python -m pip install --progress-bar on "$(TORCH)"
+	$(BIN)/python -m pip install --progress-bar on -e ".[dev,ja,ray,track]"
 	touch $@
 
 install: $(BIN)/mergekit-evolve
@@ -27,6 +28,11 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# Style, as CI checks it: ruff's formatter and linter at 88 columns.
+lint: install
+	$(BIN)/ruff format --check mergekit_evolve tests benchmarks
+	$(BIN)/ruff check mergekit_evolve tests benchmarks
 
 clean:
 	rm -rf runs .cache

@@ -47,7 +47,7 @@ from .study import Study
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Search", "Trial", "evolve", "make_evolution"]
+__all__ = ["Search", "Trial", "evolve", "make_evolution", "space_from_settings"]
 
 
 def evolve(
@@ -141,8 +141,13 @@ class Search:
 
     Args:
         target: A search space (e.g. ``TemplateSpace.from_file(...)``), a validated
-            run config, or the path of a config YAML (its ``space``, ``sources``,
-            ``optimizer`` and ``builder`` blocks are used; its tasks are not).
+            run config, the path of a config YAML (its ``space``, ``sources``,
+            ``optimizer`` and ``builder`` blocks are used; its tasks are not), or a
+            partial config mapping with ``sources`` and ``space`` (and optionally
+            ``optimizer``). None with the ``sources`` and ``space`` arguments.
+        sources: The ``sources`` block (a mapping, as in a config file).
+        space: The ``space`` block (a mapping: ``{"type": "parameter", "method":
+            "task_arithmetic"}`` or a ``dataflow`` space).
         optimizer: Optimizer settings (default: the config's, or CMA-ES defaults).
         max_evals: Budget in trials (overrides ``optimizer.max_evals``).
         seed: Optimizer seed (overrides ``optimizer.seed``).
@@ -158,8 +163,10 @@ class Search:
 
     def __init__(
         self,
-        target: SearchSpace | RunConfig | str | Path,
+        target: SearchSpace | RunConfig | str | Path | dict[str, Any] | None = None,
         *,
+        sources: dict[str, Any] | None = None,
+        space: dict[str, Any] | None = None,
         optimizer: OptimizerConfig | dict[str, Any] | None = None,
         max_evals: int | None = None,
         seed: int | None = None,
@@ -168,6 +175,15 @@ class Search:
         device: str | None = None,
     ) -> None:
         config: RunConfig | None = None
+        if target is None or isinstance(target, dict):
+            partial = dict(target or {})
+            if sources is not None or space is not None:
+                partial.update(sources=sources, space=space)
+            if optimizer is None and "optimizer" in partial:
+                optimizer = partial["optimizer"]
+            target = space_from_settings(
+                partial.get("sources"), partial.get("space"), dtype
+            )
         if isinstance(target, (str, Path)):
             target = load_config(target)
         if isinstance(target, RunConfig):
@@ -449,6 +465,42 @@ class Search:
     def history(self) -> list[Result]:
         """Every told result, in trial order."""
         return self.study.history()
+
+
+def space_from_settings(
+    sources: Any, space: Any, dtype: str | None = None
+) -> SearchSpace:
+    """A search space from a ``sources`` and a ``space`` block alone (mappings as in a
+    config file; relative paths resolve against the current directory).
+
+    Raises:
+        ConfigError: a block is missing or invalid (one line naming the field).
+    """
+    from pydantic import TypeAdapter, ValidationError
+
+    from .config import SpaceConfig
+    from .sources import SourcesConfig, load_sources
+    from .spaces import make_space
+
+    if not isinstance(sources, dict) or not isinstance(space, dict):
+        raise ConfigError(
+            "Search: give sources and space (mappings as in a config file), a "
+            "config, a config path or a SearchSpace"
+        )
+    context = {"base_dir": str(Path.cwd())}
+    try:
+        source_config = SourcesConfig.model_validate(sources, context=context)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, "sources")) from None
+    try:
+        space_config = TypeAdapter(SpaceConfig).validate_python(space, context=context)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, "space")) from None
+    if space_config.type == "hybrid":
+        raise ConfigError("space.type: a hybrid runs as a whole run (evolve())")
+    return make_space(
+        space_config, load_sources(source_config), dtype or source_config.dtype
+    )
 
 
 def _optimizer_config(

@@ -34,7 +34,7 @@ def test_documented_example_runs_verbatim(toy_zoo, monkeypatch):
     """docs/python_api.md (pasted into the README): every ```python block, in order."""
     text = (REPO / "docs" / "python_api.md").read_text(encoding="utf-8")
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
-    assert len(blocks) == 3
+    assert len(blocks) == 4
     monkeypatch.chdir(REPO)
     namespace: dict = {}
     for block in blocks:
@@ -165,3 +165,20 @@ def test_readme_example_runs_verbatim(toy_zoo, monkeypatch):
     namespace: dict = {}
     exec(compile(blocks[0], "README.md", "exec"), namespace)  # noqa: S102 - our own docs
     assert namespace["search"].done and namespace["search"].best.ok
+
+
+def test_search_from_settings_alone(tiny_models):
+    """Seen on main 3903bf4: Search({...}) was a TypeError, and a RunConfig needed
+    dummy fitness and output blocks. sources and space alone make a search."""
+    sources = {"models": [str(p) for p in tiny_models.values()], "base_model": "base"}
+    space = {"type": "dataflow", "repeats": 1}
+    search = Search(sources=sources, space=space, max_evals=4, seed=1)
+    assert search.space.gene_names()[0] == "keep[r0:base.0]"
+    as_mapping = Search({"sources": sources, "space": space}, max_evals=4, seed=1)
+    assert [t.genome.tolist() for t in as_mapping.ask()] == [
+        t.genome.tolist() for t in search.ask()
+    ]
+    with pytest.raises(ConfigError, match="space: .*method"):
+        Search(sources=sources, space={"type": "parameter", "method": "nope"})
+    with pytest.raises(ConfigError, match="give sources and space"):
+        Search()
