@@ -284,11 +284,17 @@ def main(
         message = str(e)
         if isinstance(e, ConfigError) and not message.startswith(str(config)):
             message = f"{config}: {message}"  # say which file, also after parsing
-        click.echo(f"{type(e).__name__}: {message}", err=True)
+        click.echo(f"{type(e).__name__}: {one_line(message)}", err=True)
         sys.exit(2)
     except MergekitEvolveError as e:
-        click.echo(f"{type(e).__name__}: {e}", err=True)
+        click.echo(f"{type(e).__name__}: {one_line(str(e))}", err=True)
         sys.exit(1)
+
+
+def one_line(message: str) -> str:
+    """A message on one line: libraries' multi-line errors (pydantic, tokenizers)
+    are folded, so every failure is the one line a user (or a script) reads."""
+    return " ".join(part.strip() for part in message.splitlines() if part.strip())
 
 
 class Terminated(BaseException):

@@ -108,7 +108,8 @@ def check_candidate(prepared: PreparedRun, worker: Worker, heldout: Evaluator) -
     try:
         built = worker.builder.build(merge_config)
     except CandidateError as e:
-        field = "sources.models" if "shape" in str(e) or "size" in str(e) else "space"
+        mismatch = ("shape", "size", "dimension", "must match")
+        field = "sources.models" if any(w in str(e) for w in mismatch) else "space"
         raise ConfigError(f"{field}: the first candidate does not build: {e}") from None
     for suite_name, evaluator, suite in (
         ("fitness", worker.evaluator, config.fitness),

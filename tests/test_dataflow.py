@@ -476,13 +476,13 @@ def test_toy_dfs_best_reproduces_with_mergekit_yaml(toy_zoo, write_config, tmp_p
     config = tiny_config(
         {name: toy_zoo[name] for name in ("base", "math", "ja")},
         run_dir,
-        # init center: x0 keeps no slot, and the random optimizer's first candidate
-        # is x0, so the run also records an empty path as a failed candidate.
+        # max_depth 3: every path, the seeded own paths and splices included, is
+        # cut to three layers, a depth no source has.
         space={
             "type": "dataflow",
             "models": ["math", "ja"],
             "repeats": 1,
-            "init": "center",
+            "max_depth": 3,
         },
         optimizer={"type": "random", "population": 6, "max_evals": 6, "seed": 1},
     )
@@ -491,9 +491,10 @@ def test_toy_dfs_best_reproduces_with_mergekit_yaml(toy_zoo, write_config, tmp_p
     evolution = Evolution(config)
     summary = evolution.run()
     history = [json.loads(line) for line in (run_dir / "history.jsonl").open()]
-    assert history[0]["status"] == "failed"
-    assert history[0]["error"].startswith("InvalidGenomeError")
-    assert summary["failed"] == 1
+    # The first candidates are the seeds: the math model's own path first.
+    first = evolution.space.decode_path(np.array(history[0]["genome"]))
+    assert [(s.model, s.layer) for s in first] == [("math", i) for i in range(3)]
+    assert summary["failed"] == 0
 
     best = history[summary["fitness"]["best_index"]]
     depth = len(evolution.space.decode_path(np.array(best["genome"])))

@@ -23,6 +23,9 @@ class RecordingOptimizer(Optimizer):
         self.inner = inner
         self.told: list[list[tuple[int, float]]] = []
 
+    def population(self) -> int:
+        return self.inner.population()
+
     def start(self, state):
         self.inner.start(state)
 
