@@ -319,7 +319,7 @@ def test_group_start_errors_reach_the_caller(tmp_path: Path):
         TrackerGroup([_NoStart()]).start("r", {}, tmp_path)
 
 
-# -- through the command line -----------------------------------------------------------
+# -- through the command line ------------------------------------------------------
 
 
 def test_the_legacy_wandb_flags_track_a_run_offline(
