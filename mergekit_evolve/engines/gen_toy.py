@@ -276,8 +276,8 @@ def widen_llama(
     zero (or tiny) queries, keys and values. Added layers have zero ``o_proj`` and
     ``down_proj`` and so pass the residual stream through. RMSNorm divides by the
     root mean square over all ``H`` dimensions, which the zero padding shrinks by
-    ``sqrt(h/H)``; scaling every norm weight by ``sqrt(h/H)`` undoes it (exactly, up to
-    ``eps``).
+    ``sqrt(h/H)``; scaling every norm weight by ``sqrt(h/H)`` and ``eps`` by ``h/H``
+    undoes it exactly.
 
     Args:
         state: The small model's state dict (Hugging Face names).
@@ -302,11 +302,16 @@ def widen_llama(
     heads = big // head_dim
     new_config = gen_toy_config(big, num_layers, heads, intermediate_size)
     new_config.head_dim = head_dim
+    # The mean square over H dims is (h/H) times the one over h: scale eps alike.
+    new_config.rms_norm_eps = config.rms_norm_eps * h / big
     norm_scale = math.sqrt(h / big)
     gen = torch.Generator().manual_seed(seed)
 
     def pad(tensor: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor:
-        out = torch.randn(shape, generator=gen) * noise
+        if noise:
+            out = torch.randn(shape, generator=gen) * noise
+        else:
+            out = torch.zeros(shape)
         if tensor is not None:
             out[tuple(slice(0, n) for n in tensor.shape)] = tensor
         return out

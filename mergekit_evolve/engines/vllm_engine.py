@@ -334,7 +334,10 @@ class VllmEngine:
         return not _differences(self._signature, _config_signature(config))
 
     def swap(
-        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None = None
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        mode: Literal["memory", "file"] | None = None,
     ) -> str:
         """Makes the engine compute with ``model``'s weights.
 
@@ -342,6 +345,8 @@ class VllmEngine:
             model: A Hugging Face causal LM (e.g. the builder's in-memory merge); its
                 state dict is read, never modified.
             tokenizer: Saved beside the weights if the engine has to restart.
+            mode: ``memory`` or ``file`` for this swap; ``None`` follows
+                ``settings.swap``.
 
         Returns:
             How the weights got there: ``"memory"`` (tensors handed over in place),
@@ -361,7 +366,7 @@ class VllmEngine:
             self._restart_with(model, tokenizer)
             mode = "restart"
         else:
-            mode = self._swap_mode()
+            mode = mode or self._swap_mode()
             try:
                 if mode == "memory":
                     weights = list(model.state_dict().items())
