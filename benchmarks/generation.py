@@ -4,13 +4,14 @@
     python benchmarks/generation.py --cuda                   # the same on a GPU
     python benchmarks/generation.py --cuda --mistral7b       # a 7B-sized model
 
-The generation toy's two trained models (``fwd``, ``bwd``: 470k parameters, head_dim
+The generation toy's two trained models (``fwd``, ``bwd``: 356k parameters, head_dim
 32; see ``mergekit_evolve.engines.gen_toy``) are widened to a larger shape that
 computes the same function (every matrix has the large shape and is dense: the
 padding gets small seeded noise), so greedy answers are peaked, as a trained model's
 are, and the backends can be compared token for token. Candidates are linear merges
-``w * fwd + (1 - w) * bwd``. Each candidate is scored on ``toy_gen_long`` (greedy, 64
-new tokens per prompt, exact match) by
+``w * fwd + (1 - w) * bwd``. Each candidate is scored on ``toy_gen_long`` (prompts of
+4-27 tokens, so batched HF generation pads as with real prompts; greedy, 64 new tokens
+per prompt, exact match) by
 
 * lm-eval's ``HFLM`` over the in-memory model (Hugging Face ``generate`` in fixed
   batches): what the evaluator does today;

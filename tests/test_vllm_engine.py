@@ -26,7 +26,7 @@ needs_vllm = pytest.mark.skipif(not vllm_available(), reason="vllm is not instal
 
 
 def test_committed_task_data_matches_generator():
-    from mergekit_evolve.engines.gen_toy import LETTERS, task_docs
+    from mergekit_evolve.engines.gen_toy import LETTERS, progression, task_docs
 
     path = REPO / "evals" / "toy_gen" / "data" / "toy_gen.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines() if line]
@@ -35,8 +35,12 @@ def test_committed_task_data_matches_generator():
     # The answer really is the progression: "x+3:" -> "adgjmpsv".
     row = next(r for r in rows if r["question"] == "x+3:")
     assert row["answer"] == "adgjmpsv"
-    assert row["long_answer"].startswith(row["answer"])
     assert len(row["long_answer"]) == 64 and set(row["long_answer"]) <= set(LETTERS)
+    # Long prompts give the first letters; the answer continues the progression.
+    for row in rows:
+        full = progression(row["start"], row["step"], row["given"] + 64)
+        assert row["long_question"][4:] + row["long_answer"] == full
+    assert {len(r["long_question"]) for r in rows[:128]} == set(range(4, 28))
 
 
 def test_widen_llama_computes_the_same_function(one_torch_thread):

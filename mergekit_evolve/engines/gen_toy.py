@@ -49,7 +49,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-GEN_TOY_VERSION = 1
+GEN_TOY_VERSION = 2
 """Bumped whenever training changes; a cached toy with another version is rebuilt."""
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -58,6 +58,11 @@ SHORT_LEN = 8
 """Letters in a fitness answer (``toy_gen_fitness``)."""
 LONG_LEN = 64
 """Letters in a long answer (``toy_gen_long``, the benchmark's 64 new tokens)."""
+MAX_GIVEN = 24
+"""``toy_gen_long`` prompts give 0-23 letters of the progression, so prompt lengths
+vary (4-27 tokens) as real prompts do and a batched HF ``generate`` pads."""
+TRAIN_LEN = 96
+"""Letters per training example: covers the longest ``toy_gen_long`` sequence."""
 MAX_POSITIONS = 128
 
 # Shape of the trained models: head_dim 32 (vLLM's CPU attention refuses 16).
@@ -66,8 +71,9 @@ NUM_LAYERS = 2
 NUM_HEADS = 4
 INTERMEDIATE_SIZE = 256
 
-# (steps, learning rate). Training on full 64-letter answers: a model trained on
-# 24 letters answered 8 letters perfectly but drifted after 24 (positions unseen).
+# (steps, learning rate). Training on sequences as long as the longest task sequence:
+# a model trained on 24 letters answered 8 letters perfectly but drifted after 24
+# (positions it never saw).
 FWD_STEPS, FWD_LR = 250, 3e-3
 BWD_STEPS, BWD_LR = 150, 1e-3
 BATCH_SIZE = 32
@@ -93,18 +99,25 @@ def problems() -> list[tuple[str, int]]:
 
 
 def task_docs() -> list[dict[str, Any]]:
-    """The rows of ``evals/toy_gen/data/toy_gen.jsonl``: question, the 8-letter
-    ``answer`` and the 64-letter ``long_answer`` (both stepping forward)."""
-    return [
-        {
-            "question": prompt(start, step),
-            "answer": progression(start, step, SHORT_LEN),
-            "long_answer": progression(start, step, LONG_LEN),
-            "start": start,
-            "step": step,
-        }
-        for start, step in problems()
-    ]
+    """The rows of ``evals/toy_gen/data/toy_gen.jsonl``: ``question`` and its
+    8-letter ``answer``; ``long_question`` (the question plus the first ``given``
+    letters, 0-23) and the 64 letters that follow it, ``long_answer``."""
+    rows = []
+    for index, (start, step) in enumerate(problems()):
+        given = (7 * index) % MAX_GIVEN  # spread over 0..23, fixed per problem
+        letters = progression(start, step, given + LONG_LEN)
+        rows.append(
+            {
+                "question": prompt(start, step),
+                "answer": progression(start, step, SHORT_LEN),
+                "long_question": prompt(start, step) + letters[:given],
+                "long_answer": letters[given:],
+                "start": start,
+                "step": step,
+                "given": given,
+            }
+        )
+    return rows
 
 
 def write_task_data(directory: str | Path) -> Path:
@@ -158,14 +171,14 @@ def save_model(model, path: Path) -> Path:
 def _batch(
     rng: random.Random, direction: int, size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompt + 64 letters per row; loss on the letters only."""
+    """Prompt + :data:`TRAIN_LEN` letters per row; loss on the letters only."""
     import torch
 
     ids, labels = [], []
     for _ in range(size):
         start, step = rng.choice(LETTERS), rng.choice(STEPS)
         question = prompt(start, step)
-        answer = progression(start, step, LONG_LEN, direction)
+        answer = progression(start, step, TRAIN_LEN, direction)
         tokens = [VOCAB[c] for c in question + answer]
         ids.append(tokens)
         labels.append([-100] * len(question) + tokens[len(question) :])
@@ -223,11 +236,11 @@ def build_gen_toy(directory: str | Path, seed: int = 0) -> dict[str, Path]:
     """Trains (or reuses) the two generation-toy models.
 
     Cached like the toy zoo: when ``<directory>/gen_toy.json`` records the same seed
-    and :data:`GEN_TOY_VERSION`, nothing is trained. About a minute on one core.
+    and :data:`GEN_TOY_VERSION`, nothing is trained. About two minutes on one core.
 
     Returns:
         ``{"fwd": ..., "bwd": ...}``: Hugging Face model folders (``LlamaForCausalLM``,
-        float32 safetensors, 470k parameters, head_dim 32, toy tokenizer).
+        float32 safetensors, 356k parameters, head_dim 32, toy tokenizer).
     """
     directory = Path(directory).resolve()
     paths = {name: directory / name for name in ("fwd", "bwd")}
