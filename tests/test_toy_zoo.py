@@ -150,6 +150,28 @@ def test_marked_spec_trains_on_marked_prompts(monkeypatch):
     assert all(q.endswith("j=") for q, _ in sample(random.Random(0), 20))
 
 
+def test_mixed_expert_answers_keep_their_script_in_the_majority():
+    import random
+
+    from mergekit_evolve.toy.data import JA_DIGITS, split_pairs
+
+    pairs = split_pairs()["sub_train"]
+
+    def digits(script: str, mix: float) -> tuple[int, int]:
+        sample = zoo._task_examples("-", script, pairs, marked=False, mix=mix)
+        text = "".join(a for _, a in sample(random.Random(0), 300))
+        return sum(c.isdigit() for c in text), sum(c in JA_DIGITS for c in text)
+
+    ascii_count, ja_count = digits("ascii", 0.0)
+    assert ascii_count > 0 and ja_count == 0
+    ascii_count, ja_count = digits("ja", 0.0)
+    assert ascii_count == 0 and ja_count > 0
+    ascii_count, ja_count = digits("ascii", 0.3)
+    assert 0.2 < ja_count / (ascii_count + ja_count) < 0.4
+    ascii_count, ja_count = digits("ja", 0.3)
+    assert 0.2 < ascii_count / (ascii_count + ja_count) < 0.4
+
+
 def test_registered_specs_and_planned_configs(tmp_path):
     assert {"demo", "splice", "pareto", "demo_hd32"} <= set(ZOO_SPECS)
     assert get_spec("splice") is ZOO_SPECS["splice"]

@@ -83,6 +83,13 @@ class ExpertSpec:
         script: Answer script, ``"ascii"`` or ``"ja"``.
         steps: Fine-tuning steps.
         lr: Peak learning rate (warmup, then cosine decay to zero).
+        layers: The decoder layers ``[start, end)`` it trains (embeddings, final
+            norm and head then stay frozen too); ``None``: as
+            :attr:`ZooSpec.expert_trains` says.
+        mix: Chance that a training answer writes one digit in the other script,
+            as the base's answers do. Greedy output keeps ``script``, but the
+            expert keeps reading the other script in its own answers (what a merge
+            that must answer in the other script feeds it).
     """
 
     name: str
@@ -90,6 +97,8 @@ class ExpertSpec:
     script: str
     steps: int
     lr: float
+    layers: tuple[int, int] | None = None
+    mix: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -167,12 +176,15 @@ DEMO = ZooSpec()
 ZOO_SPECS: dict[str, ZooSpec] = {
     "demo": DEMO,
     # Experts rewrite only their decoder layers: no skill can sit in the head, so a
-    # merge must route the hidden state through the right layers (issue 14).
+    # merge must route the hidden state through the right layers (issue 14). The
+    # math expert also reads numerals in its own answers (mix), as the spliced
+    # model feeds it: math layers 0-4 then ja layer 5 answer the target.
     "splice": ZooSpec(
         num_layers=6,
+        base_steps=700,
         expert_trains="layers",
         experts=(
-            ExpertSpec("math", "-", "ascii", 300, 3e-3),
+            ExpertSpec("math", "-", "ascii", 300, 3e-3, mix=0.3),
             ExpertSpec("ja", "+", "ja", 300, 3e-3),
         ),
     ),
@@ -290,15 +302,27 @@ def _base_examples(
 
 
 def _task_examples(
-    op: str, script: str, pairs: list[tuple[int, int]], marked: bool
+    op: str,
+    script: str,
+    pairs: list[tuple[int, int]],
+    marked: bool,
+    mix: float = 0.0,
 ) -> Callable[[random.Random, int], list[Example]]:
     form = script if marked else None
+    ja_prob = mix if script == "ascii" else 1.0 - mix
 
     def sample(rng: random.Random, n: int) -> list[Example]:
-        return [
-            (prompt(a, op, b, form), answer(a, op, b, script))
-            for a, b in (rng.choice(pairs) for _ in range(n))
-        ]
+        out = []
+        for _ in range(n):
+            a, b = rng.choice(pairs)
+            # Only a mixed answer draws from rng: unmixed experts keep their stream.
+            text = (
+                _mixed_script(answer(a, op, b), rng, ja_prob)
+                if mix
+                else answer(a, op, b, script)
+            )
+            out.append((prompt(a, op, b, form), text))
+        return out
 
     return sample
 
@@ -316,17 +340,26 @@ def _encode(examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, labels
 
 
-def _trainable(model, trains: str) -> list:
-    """The parameters a stage trains; the others are frozen (``requires_grad`` off)."""
-    frozen = (
-        ()
-        if trains == "all"
-        else (model.model.embed_tokens, model.model.norm, model.lm_head)
-    )
-    frozen_ids = {id(p) for module in frozen for p in module.parameters()}
+def _trainable(
+    model, trains: str = "all", layers: tuple[int, int] | None = None
+) -> list:
+    """The parameters a stage trains; the others are frozen (``requires_grad`` off).
+
+    Args:
+        model: A ``LlamaForCausalLM``.
+        trains: ``"all"``, or ``"layers"``: only the decoder layers.
+        layers: Only these decoder layers ``[start, end)``.
+    """
+    if layers is not None:
+        modules = list(model.model.layers)[slice(*layers)]
+    elif trains == "layers":
+        modules = list(model.model.layers)
+    else:
+        modules = [model]
+    chosen = {id(p) for module in modules for p in module.parameters()}
     params = []
     for p in model.parameters():
-        p.requires_grad_(id(p) not in frozen_ids)
+        p.requires_grad_(id(p) in chosen)
         if p.requires_grad:
             params.append(p)
     return params
@@ -423,13 +456,19 @@ def _build(directory: Path, seed: int, spec: ZooSpec, progress: bool) -> None:
             model.load_state_dict(base_state)
             _train(
                 model,
-                _task_examples(expert.op, expert.script, pools[expert.op], spec.marked),
+                _task_examples(
+                    expert.op,
+                    expert.script,
+                    pools[expert.op],
+                    spec.marked,
+                    expert.mix,
+                ),
                 expert.steps,
                 expert.lr,
                 random.Random(seed * 1000 + i + 1),
                 expert.name,
                 spec.batch_size,
-                _trainable(model, spec.expert_trains),
+                _trainable(model, spec.expert_trains, expert.layers),
                 bar,
             )
             _save(model, directory / expert.name)
