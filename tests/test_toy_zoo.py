@@ -148,6 +148,14 @@ def test_marked_spec_trains_on_marked_prompts(monkeypatch):
     assert {q[-2:] for q in arithmetic} == {"a=", "j="}
     sample = zoo._task_examples("-", "ja", split_pairs()["sub_train"], marked=True)
     assert all(q.endswith("j=") for q, _ in sample(random.Random(0), 20))
+    # An expert that follows the marker answers each prompt in the form it asks.
+    sample = zoo._task_examples("+", "ja", pairs, marked=True, both_forms=True)
+    examples = sample(random.Random(0), 50)
+    assert {q[-2:] for q, _ in examples} == {"a=", "j="}
+    for q, a in examples:
+        assert a[0].isdigit() == q.endswith("a="), (q, a)
+    with pytest.raises(ValueError, match="marked"):
+        zoo._task_examples("+", "ja", pairs, marked=False, both_forms=True)
 
 
 def test_mixed_expert_answers_keep_their_script_in_the_majority():

@@ -90,6 +90,9 @@ class ExpertSpec:
             as the base's answers do. Greedy output keeps ``script``, but the
             expert keeps reading the other script in its own answers (what a merge
             that must answer in the other script feeds it).
+        both_forms: Marked prompts only: train on its operator asked in either
+            script, each answered as its marker asks, so the expert learns to
+            follow the marker (not to always answer in ``script``).
     """
 
     name: str
@@ -99,6 +102,7 @@ class ExpertSpec:
     lr: float
     layers: tuple[int, int] | None = None
     mix: float = 0.0
+    both_forms: bool = False
 
 
 @dataclass(frozen=True)
@@ -189,8 +193,16 @@ ZOO_SPECS: dict[str, ZooSpec] = {
         ),
     ),
     # "47-12a=" and "47-12j=" ask for different answers: the skills need not exclude
-    # each other, so a merge can keep both experts' skills and gain the target.
-    "pareto": ZooSpec(marked=True),
+    # each other, so a merge can keep both experts' skills and gain the target. The
+    # Japanese expert learns to follow the marker on addition (the base ignores it).
+    "pareto": ZooSpec(
+        base_steps=700,
+        experts=(
+            ExpertSpec("math", "-", "ascii", 500, 3e-3),
+            ExpertSpec("ja", "+", "ja", 200, 1e-3, both_forms=True),
+        ),
+        marked=True,
+    ),
     "demo_hd32": dataclasses.replace(DEMO, num_heads=2),
 }
 """Named zoo specs; ``build_zoo(..., spec="splice")`` picks one."""
@@ -307,21 +319,24 @@ def _task_examples(
     pairs: list[tuple[int, int]],
     marked: bool,
     mix: float = 0.0,
+    both_forms: bool = False,
 ) -> Callable[[random.Random, int], list[Example]]:
-    form = script if marked else None
-    ja_prob = mix if script == "ascii" else 1.0 - mix
+    if both_forms and not marked:
+        raise ValueError("both_forms needs marked prompts")
 
     def sample(rng: random.Random, n: int) -> list[Example]:
         out = []
         for _ in range(n):
             a, b = rng.choice(pairs)
-            # Only a mixed answer draws from rng: unmixed experts keep their stream.
+            # Only the options in use draw from rng, so each keeps its stream.
+            wanted = rng.choice(("ascii", "ja")) if both_forms else script
+            ja_prob = mix if wanted == "ascii" else 1.0 - mix
             text = (
                 _mixed_script(answer(a, op, b), rng, ja_prob)
                 if mix
-                else answer(a, op, b, script)
+                else answer(a, op, b, wanted)
             )
-            out.append((prompt(a, op, b, form), text))
+            out.append((prompt(a, op, b, wanted if marked else None), text))
         return out
 
     return sample
@@ -462,6 +477,7 @@ def _build(directory: Path, seed: int, spec: ZooSpec, progress: bool) -> None:
                     pools[expert.op],
                     spec.marked,
                     expert.mix,
+                    expert.both_forms,
                 ),
                 expert.steps,
                 expert.lr,
