@@ -98,18 +98,23 @@ def test_answers_end_with_newline_and_use_numerals() -> None:
 def test_splits_are_disjoint_deterministic_and_cover_the_pools() -> None:
     splits = split_pairs()
     assert splits == split_pairs()
-    pools = {
-        "sub": (sub_pairs(), [k for k in splits if k.startswith("sub_")]),
-        "add": (add_pairs(), [k for k in splits if k.startswith("add_")]),
-    }
-    for pool, names in pools.values():
-        for i, x in enumerate(names):
-            for y in names[i + 1 :]:
+    pools = {"sub": sub_pairs(), "add": add_pairs()}
+    for op, pool in pools.items():
+        evals = [k for k in splits if k.startswith(op) and "_train" not in k]
+        for i, x in enumerate(evals):
+            for y in evals[i + 1 :]:
                 assert not set(splits[x]) & set(splits[y]), (x, y)
-        assert sorted(sum((splits[k] for k in names), [])) == sorted(pool)
-    assert len(splits) == 8
+        # The Pareto pool excludes every split; the demo's pool only its own.
+        rest = sorted(sum((splits[k] for k in evals), splits[f"{op}_train_pareto"]))
+        assert rest == sorted(pool)
+        demo_splits = {"sub": ["sub_fitness", "sub_heldout", "sub_ascii"]}.get(
+            op, ["add_ja"]
+        )
+        demo = sorted(sum((splits[k] for k in demo_splits), splits[f"{op}_train"]))
+        assert demo == sorted(pool)
+    assert len(splits) == 10
     for name in splits:
-        if not name.endswith("_train"):
+        if "_train" not in name:
             assert len(splits[name]) == 200, name
 
 

@@ -166,8 +166,9 @@ def split_pairs() -> dict[str, list[Pair]]:
 
     Returns:
         ``sub_fitness``, ``sub_heldout``, ``sub_ascii``, ``sub_ascii_fitness``
-        (subtraction, disjoint), ``add_ja``, ``add_ja_fitness`` (addition), and
-        ``sub_train`` / ``add_train``: every other pair.
+        (subtraction, disjoint), ``add_ja``, ``add_ja_fitness`` (addition);
+        ``sub_train`` / ``add_train``: every pair outside the demo's task splits;
+        ``sub_train_pareto`` / ``add_train_pareto``: every pair outside all of them.
     """
     rng = random.Random(SPLIT_SEED)
     subs = sub_pairs()
@@ -175,16 +176,20 @@ def split_pairs() -> dict[str, list[Pair]]:
     adds = add_pairs()
     rng.shuffle(adds)
     n = SPLIT_SIZE
-    # New splits are cut after the old ones, so committed task data never changes.
+    # New splits are cut after the old ones, so committed task data never changes,
+    # and the demo's pools stay as they were: its zoo depends on their exact order
+    # (from these pools, seed 0: 93.5 held-out; from the smaller ones: 58.5).
     return {
         "sub_fitness": subs[:n],
         "sub_heldout": subs[n : 2 * n],
         "sub_ascii": subs[2 * n : 3 * n],
         "sub_ascii_fitness": subs[3 * n : 4 * n],
-        "sub_train": subs[4 * n :],
+        "sub_train": subs[3 * n :],
+        "sub_train_pareto": subs[4 * n :],
         "add_ja": adds[:n],
         "add_ja_fitness": adds[n : 2 * n],
-        "add_train": adds[2 * n :],
+        "add_train": adds[n:],
+        "add_train_pareto": adds[2 * n :],
     }
 
 

@@ -127,6 +127,9 @@ class ZooSpec:
         batch_size: Examples per step.
         base_ja_prob: Chance that the base writes one answer digit as a numeral.
         translit_share: Fraction of base examples that are transliterations.
+        pareto_pools: Train on pools that also exclude the Pareto toy's fitness
+            splits (``mergekit_evolve.toy.data.split_pairs``); the demo keeps
+            its original pools.
     """
 
     hidden_size: int = 64
@@ -144,6 +147,7 @@ class ZooSpec:
     batch_size: int = 128
     base_ja_prob: float = 0.3
     translit_share: float = 0.2
+    pareto_pools: bool = False
 
     @property
     def model_names(self) -> tuple[str, ...]:
@@ -187,6 +191,7 @@ ZOO_SPECS: dict[str, ZooSpec] = {
         num_layers=6,
         base_steps=700,
         expert_trains="layers",
+        pareto_pools=True,
         experts=(
             ExpertSpec("math", "-", "ascii", 300, 3e-3, mix=0.3),
             ExpertSpec("ja", "+", "ja", 300, 3e-3),
@@ -202,6 +207,7 @@ ZOO_SPECS: dict[str, ZooSpec] = {
             ExpertSpec("ja", "+", "ja", 200, 1e-3, both_forms=True),
         ),
         marked=True,
+        pareto_pools=True,
     ),
     "demo_hd32": dataclasses.replace(DEMO, num_heads=2),
 }
@@ -435,6 +441,8 @@ def _build(directory: Path, seed: int, spec: ZooSpec, progress: bool) -> None:
     from transformers import LlamaForCausalLM
 
     splits = split_pairs()
+    suffix = "_pareto" if spec.pareto_pools else ""
+    pools = {"-": splits["sub_train" + suffix], "+": splits["add_train" + suffix]}
     torch.manual_seed(seed)
     model = LlamaForCausalLM(spec.llama_config())
     # Eager attention: on these 12-token batches it is ~10% faster to train than
@@ -454,7 +462,7 @@ def _build(directory: Path, seed: int, spec: ZooSpec, progress: bool) -> None:
         rng = random.Random(seed)
         _train(
             model,
-            lambda r, n: _base_examples(r, splits["add_train"], n, spec),
+            lambda r, n: _base_examples(r, pools["+"], n, spec),
             spec.base_steps,
             spec.base_lr,
             rng,
@@ -466,7 +474,6 @@ def _build(directory: Path, seed: int, spec: ZooSpec, progress: bool) -> None:
         _save(model, directory / "base")
         base_state = {k: v.clone() for k, v in model.state_dict().items()}
 
-        pools = {"-": splits["sub_train"], "+": splits["add_train"]}
         for i, expert in enumerate(spec.experts):
             model.load_state_dict(base_state)
             _train(
