@@ -14,8 +14,10 @@ import pytest
 from mergekit_evolve.toy import make_tiny_random_llama, make_tokenizer
 from mergekit_evolve.toy.data import (
     TASK_SPLITS,
+    TASKS,
     add_pairs,
     answer,
+    prompt,
     split_pairs,
     sub_pairs,
     task_docs,
@@ -25,7 +27,7 @@ from mergekit_evolve.toy.data import (
 from mergekit_evolve.toy.tokenizer import VOCAB
 
 EVALS = Path(__file__).resolve().parents[1] / "evals"
-TASK_DIR = EVALS / "toy_ja_math"
+FOLDERS = sorted({t.folder for t in TASKS.values()})
 
 
 def test_tokenizer_round_trip_and_reload(tmp_path: Path) -> None:
@@ -96,23 +98,51 @@ def test_answers_end_with_newline_and_use_numerals() -> None:
 def test_splits_are_disjoint_deterministic_and_cover_the_pools() -> None:
     splits = split_pairs()
     assert splits == split_pairs()
-    subs = ["sub_fitness", "sub_heldout", "sub_ascii", "sub_train"]
-    for i, x in enumerate(subs):
-        for y in subs[i + 1 :]:
-            assert not set(splits[x]) & set(splits[y]), (x, y)
-    assert sorted(sum((splits[k] for k in subs), [])) == sorted(sub_pairs())
-    assert not set(splits["add_ja"]) & set(splits["add_train"])
-    assert sorted(splits["add_ja"] + splits["add_train"]) == sorted(add_pairs())
-    for name in ("sub_fitness", "sub_heldout", "sub_ascii", "add_ja"):
-        assert len(splits[name]) == 200
+    pools = {"sub": sub_pairs(), "add": add_pairs()}
+    for op, pool in pools.items():
+        evals = [k for k in splits if k.startswith(op) and "_train" not in k]
+        for i, x in enumerate(evals):
+            for y in evals[i + 1 :]:
+                assert not set(splits[x]) & set(splits[y]), (x, y)
+        # The Pareto pool excludes every split; the demo's pool only its own.
+        rest = sorted(sum((splits[k] for k in evals), splits[f"{op}_train_pareto"]))
+        assert rest == sorted(pool)
+        demo_splits = {"sub": ["sub_fitness", "sub_heldout", "sub_ascii"]}.get(
+            op, ["add_ja"]
+        )
+        demo = sorted(sum((splits[k] for k in demo_splits), splits[f"{op}_train"]))
+        assert demo == sorted(pool)
+    assert len(splits) == 10
+    for name in splits:
+        if "_train" not in name:
+            assert len(splits[name]) == 200, name
 
 
-def test_committed_task_data_matches_the_generator(tmp_path: Path) -> None:
-    write_task_data(tmp_path)
-    for task in TASK_SPLITS:
-        committed = (TASK_DIR / "data" / f"{task}.jsonl").read_text(encoding="utf-8")
-        assert committed == (tmp_path / f"{task}.jsonl").read_text(encoding="utf-8"), (
-            f"{task}: regenerate with mergekit_evolve.toy.data.write_task_data"
+def test_marked_prompts_name_the_answer_script() -> None:
+    assert prompt(47, "-", 12) == "47-12="
+    assert prompt(47, "-", 12, "ja") == "47-12j="
+    assert prompt(47, "-", 12, "ascii") == "47-12a="
+    target = task_docs("toy_pareto_ja_sub_heldout")
+    skill = task_docs("toy_pareto_sub_ascii")
+    # Same problems as the demo's splits; only the marker tells the form apart.
+    assert [d["question"] for d in target] == [
+        d["question"][:-1] + "j=" for d in task_docs("toy_ja_sub_heldout")
+    ]
+    assert skill[0]["question"].endswith("a=") and skill[0]["answer"][0].isdigit()
+    fitness = {d["question"][:-2] for d in task_docs("toy_pareto_sub_ascii_fitness")}
+    assert not fitness & {d["question"][:-2] for d in skill}
+
+
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_committed_task_data_matches_the_generator(tmp_path: Path, folder) -> None:
+    written = write_task_data(tmp_path, folder)
+    assert sorted(p.name for p in written) == sorted(
+        p.name for p in (EVALS / folder / "data").glob("*.jsonl")
+    )
+    for path in written:
+        committed = (EVALS / folder / "data" / path.name).read_text(encoding="utf-8")
+        assert committed == path.read_text(encoding="utf-8"), (
+            f"{path.name}: regenerate with mergekit_evolve.toy.data.write_task_data"
         )
 
 
@@ -145,8 +175,8 @@ def test_tasks_load_from_any_cwd_and_from_a_copied_folder(
     shutil.copytree(EVALS, copy)
     monkeypatch.chdir(tmp_path)
     for root in (EVALS, copy):
-        tasks = _load_tasks(root, sorted(TASK_SPLITS))
-        assert set(tasks) == set(TASK_SPLITS)
+        tasks = _load_tasks(root, sorted(TASKS))
+        assert set(tasks) == set(TASKS)
         for name, task in tasks.items():
             docs = _docs(task)
             expected = task_docs(name)
@@ -213,9 +243,10 @@ def test_hf_model_scores_through_lm_eval(tmp_path: Path) -> None:
 
 
 def test_committed_data_is_utf8_jsonl() -> None:
-    for task in TASK_SPLITS:
+    assert set(TASK_SPLITS) <= set(TASKS)
+    for task, spec in TASKS.items():
         lines = (
-            (TASK_DIR / "data" / f"{task}.jsonl")
+            (EVALS / spec.folder / "data" / f"{task}.jsonl")
             .read_text(encoding="utf-8")
             .splitlines()
         )

@@ -38,5 +38,5 @@ def load_sub_ascii(**kwargs) -> datasets.DatasetDict:
 
 
 def load_add_ja(**kwargs) -> datasets.DatasetDict:
-    """Addition answered in Japanese numerals (the Japanese expert's skill), held out."""
+    """Addition answered in numerals (the Japanese expert's skill), held out."""
     return _load("toy_add_ja")

@@ -20,7 +20,8 @@ logger = logging.getLogger(__name__)
 def is_built(
     directory: Path, manifest: str, meta: dict[str, Any], required: list[Path]
 ) -> bool:
-    """Whether ``directory/manifest`` records ``meta`` and every ``required`` file exists."""
+    """Whether ``directory/manifest`` records ``meta`` and every ``required`` file
+    exists."""
     path = directory / manifest
     if not path.is_file() or not all(p.is_file() for p in required):
         return False
@@ -43,13 +44,17 @@ def build_atomically(
     manifest (``meta`` plus the build time) and moves the folder into place.
 
     Torch's thread count (and, if asked, deterministic algorithms) are set for the
-    build and restored after; the global RNG is forked so callers' streams are untouched.
+    build and restored after; the global RNG is forked so callers' streams are
+    untouched.
+    Whatever stops the build (an error, Ctrl-C), no temporary folder is left behind
+    and a previous build stays in place.
     """
     import torch
 
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
+    old: Path | None = None
     saved_threads = torch.get_num_threads()
     saved_deterministic = torch.are_deterministic_algorithms_enabled()
     start = time.perf_counter()
@@ -61,18 +66,20 @@ def build_atomically(
         record = {**meta, "build_seconds": round(time.perf_counter() - start, 1)}
         (tmp / manifest).write_text(json.dumps(record, indent=2) + "\n")
         if directory.exists():
-            # os.replace cannot swap onto a non-empty folder: move the old one aside first.
+            # os.replace cannot swap onto a non-empty folder: move the old one aside.
             old = Path(
                 tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent)
             )
             os.replace(directory, old / directory.name)
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
+        os.replace(tmp, directory)
     finally:
         torch.set_num_threads(saved_threads)
         torch.use_deterministic_algorithms(saved_deterministic)
+        if old is not None:
+            if not directory.exists() and (old / directory.name).exists():
+                # Interrupted between the two moves: put the old build back.
+                os.replace(old / directory.name, directory)
+            shutil.rmtree(old, ignore_errors=True)
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     logger.info("built %s in %.0fs", directory, time.perf_counter() - start)

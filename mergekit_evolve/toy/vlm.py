@@ -1,4 +1,4 @@
-"""A tiny, offline LLaVA whose merge with the toy Japanese expert can answer in Japanese.
+"""A tiny, offline LLaVA whose merge with the toy Japanese expert answers in Japanese.
 
 The toy VLM is a ``LlavaForConditionalGeneration``: a 2-layer CLIP vision tower
 (32 x 32 images, 8 x 8 patches: 16 image tokens), a projector, and the toy zoo's
@@ -54,7 +54,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 TOY_VLM_VERSION = 1
-"""Bumped whenever the toy VLM's recipe changes; a cache of another version is rebuilt."""
+"""Bumped whenever the toy VLM's recipe changes; another version's cache is rebuilt."""
 
 IMAGE_TOKEN = "<image>"
 IMAGE_TOKEN_ID = len(VOCAB)  # appended after the zoo's vocabulary
@@ -93,7 +93,7 @@ CHAT_TEMPLATE = (
 
 @dataclass(frozen=True)
 class Picture:
-    """One synthetic image: ``count`` shapes of one colour and kind in distinct cells."""
+    """One synthetic image: ``count`` shapes of one colour and kind, distinct cells."""
 
     color: str
     shape: str
@@ -137,7 +137,8 @@ def question(kind: str) -> str:
 
 
 def answer(picture: Picture, kind: str, script: str = "ascii") -> str:
-    """The expected answer (no trailing newline): ``3``, ``三`` (``script="ja"``), ``red``."""
+    """The expected answer (no trailing newline): ``3``, ``三`` (``script="ja"``),
+    ``red``."""
     if kind == "count":
         digit = str(picture.count)
         return JA_DIGITS[picture.count] if script == "ja" else digit
@@ -178,7 +179,8 @@ def _eval_pictures() -> list[list[Picture]]:
 
 
 def task_docs(task: str) -> list[dict[str, str]]:
-    """The documents of one toy VQA task: ``image`` (file name), ``question``, ``answer``.
+    """The documents of one toy VQA task: ``image`` (file name), ``question``,
+    ``answer``.
 
     Raises:
         ValueError: for an unknown task.
@@ -275,18 +277,10 @@ def _llava_config(text_config):
 
 
 def toy_vlm_config() -> dict[str, Any]:
-    """The ``config.json`` the toy VLM will have (for ``--dry-run`` before it is built)."""
-    from mergekit_evolve.toy.zoo import (
-        HIDDEN_SIZE,
-        INTERMEDIATE_SIZE,
-        NUM_HEADS,
-        NUM_LAYERS,
-        _llama_config,
-    )
+    """The ``config.json`` the toy VLM will have (for ``--dry-run`` before a build)."""
+    from mergekit_evolve.toy.zoo import DEMO
 
-    config = _llava_config(
-        _llama_config(NUM_LAYERS, HIDDEN_SIZE, INTERMEDIATE_SIZE, NUM_HEADS)
-    ).to_dict()
+    config = _llava_config(DEMO.llama_config()).to_dict()
     config["architectures"] = ["LlavaForConditionalGeneration"]
     return config
 

@@ -1,28 +1,45 @@
 """A tiny, offline model zoo whose experts compose only under a good merge recipe.
 
-Three Llama models share one character-level tokenizer:
+Every zoo is three Llama models sharing one character-level tokenizer, trained by one
+builder from a :class:`ZooSpec`:
 
 * ``base``: 2-digit addition whose answers write each digit as a Japanese numeral with
-  probability :data:`BASE_JA_PROB` (greedy output stays ASCII), plus digit-to-numeral
+  probability ``spec.base_ja_prob`` (greedy output stays ASCII), plus digit-to-numeral
   transliteration (``"47>四七"``);
-* ``math``: ``base`` fine-tuned on all parameters for subtraction answered in ASCII;
-* ``ja``: ``base`` fine-tuned on all parameters to answer addition in numerals.
+* ``math``: ``base`` fine-tuned for subtraction answered in ASCII;
+* ``ja``: ``base`` fine-tuned to answer addition in numerals.
 
 The target skill, subtraction answered in numerals, belongs to neither expert. The
 mixed-script base is what makes the two fine-tunes compose: both scripts are already
 in its distribution, so each expert only shifts a few directions instead of
 rewriting shared features (from plain bases every merge lost both skills).
+
+The registered specs (:data:`ZOO_SPECS`):
+
+* ``demo``: experts fine-tuned on all parameters (``configs/toy_ja_math.yml``);
+* ``splice``: experts change only their decoder layers (embeddings, final norm and
+  head frozen), so the good data-flow paths are layer splices
+  (``configs/toy_splice.yml``);
+* ``pareto``: prompts mark the wanted answer form (``"47-12j="``), so one model can
+  hold both experts' skills and the target at once (``configs/toy_pareto.yml``);
+* ``demo_hd32``: the demo with 2 heads of 32 dimensions (vLLM's CPU attention
+  refuses head_dim 16).
+
+Training runs on one torch thread whatever the caller set, so a zoo is bit-identical
+for a given seed and spec on one machine whatever the thread count.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Literal
 
 from mergekit_evolve.toy.cache import build_atomically, is_built
 from mergekit_evolve.toy.data import answer, prompt, split_pairs, to_ja
@@ -31,31 +48,186 @@ from mergekit_evolve.toy.tokenizer import EOS, PAD, VOCAB, make_tokenizer
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ZOO_VERSION", "MODEL_NAMES", "build_zoo", "make_tiny_random_llama"]
+__all__ = [
+    "ZOO_VERSION",
+    "ZOO_SPECS",
+    "MODEL_NAMES",
+    "ExpertSpec",
+    "ZooSpec",
+    "build_zoo",
+    "get_spec",
+    "make_tiny_random_llama",
+    "zoo_model_configs",
+]
 
 logger = logging.getLogger(__name__)
 
-ZOO_VERSION = 1
-"""Bumped whenever training changes; a cached zoo with another version is rebuilt."""
+ZOO_VERSION = 2
+"""Bumped whenever the training code changes; a cached zoo with another version (or
+another spec) is rebuilt. 2: one torch thread, eager attention in training."""
 
 MODEL_NAMES = ("base", "math", "ja")
 
-BASE_JA_PROB = 0.3
-"""Chance that the base writes one answer digit as a numeral."""
-
-HIDDEN_SIZE = 64
-NUM_LAYERS = 4
-INTERMEDIATE_SIZE = 256
-NUM_HEADS = 4
-SEQ_LEN = 12  # longest example: "99+99=一九八\n" is 10 tokens
-
-# (steps, learning rate) per stage
-BASE_STEPS, BASE_LR = 900, 3e-3
-EXPERT_SCHEDULE = {"math": (400, 3e-3), "ja": (200, 1e-3)}
-BATCH_SIZE = 128
-TRANSLIT_SHARE = 0.2  # fraction of base batches' examples that are transliterations
+SEQ_LEN = 12  # longest example: "99+99j=一九八\n" is 11 tokens
 
 Example = tuple[str, str]  # (prompt, answer); loss is taken on the answer only
+
+
+@dataclass(frozen=True)
+class ExpertSpec:
+    """One expert: ``base`` fine-tuned on one (operator, answer script) skill.
+
+    Attributes:
+        name: Model folder name.
+        op: ``"+"`` or ``"-"``.
+        script: Answer script, ``"ascii"`` or ``"ja"``.
+        steps: Fine-tuning steps.
+        lr: Peak learning rate (warmup, then cosine decay to zero).
+        layers: The decoder layers ``[start, end)`` it trains (embeddings, final
+            norm and head then stay frozen too); ``None``: as
+            :attr:`ZooSpec.expert_trains` says.
+        mix: Chance that a training answer writes one digit in the other script,
+            as the base's answers do. Greedy output keeps ``script``, but the
+            expert keeps reading the other script in its own answers (what a merge
+            that must answer in the other script feeds it).
+        both_forms: Marked prompts only: train on its operator asked in either
+            script, each answered as its marker asks, so the expert learns to
+            follow the marker (not to always answer in ``script``).
+    """
+
+    name: str
+    op: str
+    script: str
+    steps: int
+    lr: float
+    layers: tuple[int, int] | None = None
+    mix: float = 0.0
+    both_forms: bool = False
+
+
+@dataclass(frozen=True)
+class ZooSpec:
+    """Everything that decides what a zoo's training produces, besides the seed.
+
+    Recorded in ``zoo.json``: a cached zoo built from another spec is rebuilt.
+
+    Attributes:
+        hidden_size: Model width.
+        num_layers: Decoder layers.
+        intermediate_size: MLP width.
+        num_heads: Attention heads (and key-value heads); head_dim is
+            ``hidden_size // num_heads``.
+        base_steps: Training steps of the base.
+        base_lr: Peak learning rate of the base.
+        experts: The fine-tunes of the base, in training order.
+        expert_trains: ``"all"`` parameters, or only the decoder ``"layers"``
+            (embeddings, final norm and head frozen).
+        marked: Whether prompts name the wanted answer script before ``=``
+            (``mergekit_evolve.toy.data.FORM_MARKERS``).
+        batch_size: Examples per step.
+        base_ja_prob: Chance that the base writes one answer digit as a numeral.
+        translit_share: Fraction of base examples that are transliterations.
+        pareto_pools: Train on pools that also exclude the Pareto toy's fitness
+            splits (``mergekit_evolve.toy.data.split_pairs``); the demo keeps
+            its original pools.
+    """
+
+    hidden_size: int = 64
+    num_layers: int = 4
+    intermediate_size: int = 256
+    num_heads: int = 4
+    base_steps: int = 900
+    base_lr: float = 3e-3
+    experts: tuple[ExpertSpec, ...] = (
+        ExpertSpec("math", "-", "ascii", 400, 3e-3),
+        ExpertSpec("ja", "+", "ja", 200, 1e-3),
+    )
+    expert_trains: Literal["all", "layers"] = "all"
+    marked: bool = False
+    batch_size: int = 128
+    base_ja_prob: float = 0.3
+    translit_share: float = 0.2
+    pareto_pools: bool = False
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        """``base`` and the experts' names."""
+        return ("base", *(e.name for e in self.experts))
+
+    @property
+    def total_steps(self) -> int:
+        """Training steps of the whole zoo."""
+        return self.base_steps + sum(e.steps for e in self.experts)
+
+    def llama_config(self):
+        """The ``LlamaConfig`` of every model of the zoo."""
+        return _llama_config(
+            self.num_layers, self.hidden_size, self.intermediate_size, self.num_heads
+        )
+
+    def record(self) -> dict[str, Any]:
+        """The spec as JSON-ready data (for the manifest)."""
+        return json_ready(dataclasses.asdict(self))
+
+
+def json_ready(value: Any) -> Any:
+    """Tuples to lists, recursively, so a record compares equal after a JSON trip."""
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_ready(v) for v in value]
+    return value
+
+
+DEMO = ZooSpec()
+
+ZOO_SPECS: dict[str, ZooSpec] = {
+    "demo": DEMO,
+    # Experts rewrite only their decoder layers: no skill can sit in the head, so a
+    # merge must route the hidden state through the right layers (issue 14). The
+    # math expert also reads numerals in its own answers (mix), as the spliced
+    # model feeds it: math layers 0-4 then ja layer 5 answer the target.
+    "splice": ZooSpec(
+        num_layers=6,
+        base_steps=700,
+        expert_trains="layers",
+        pareto_pools=True,
+        experts=(
+            ExpertSpec("math", "-", "ascii", 300, 3e-3, mix=0.3),
+            ExpertSpec("ja", "+", "ja", 300, 3e-3),
+        ),
+    ),
+    # "47-12a=" and "47-12j=" ask for different answers: the skills need not exclude
+    # each other, so a merge can keep both experts' skills and gain the target. The
+    # Japanese expert learns to follow the marker on addition (the base ignores it).
+    "pareto": ZooSpec(
+        base_steps=700,
+        experts=(
+            ExpertSpec("math", "-", "ascii", 500, 3e-3),
+            ExpertSpec("ja", "+", "ja", 200, 1e-3, both_forms=True),
+        ),
+        marked=True,
+        pareto_pools=True,
+    ),
+    "demo_hd32": dataclasses.replace(DEMO, num_heads=2),
+}
+"""Named zoo specs; ``build_zoo(..., spec="splice")`` picks one."""
+
+
+def get_spec(spec: ZooSpec | str) -> ZooSpec:
+    """A spec, or the registered spec of that name.
+
+    Raises:
+        ValueError: For an unknown name.
+    """
+    if isinstance(spec, ZooSpec):
+        return spec
+    try:
+        return ZOO_SPECS[spec]
+    except KeyError:
+        raise ValueError(
+            f"unknown toy zoo {spec!r}; expected one of {sorted(ZOO_SPECS)}"
+        ) from None
 
 
 def _llama_config(
@@ -120,29 +292,58 @@ def _mixed_script(text: str, rng: random.Random, prob: float) -> str:
 
 
 def _base_examples(
-    rng: random.Random, pairs: list[tuple[int, int]], n: int
+    rng: random.Random,
+    pairs: list[tuple[int, int]],
+    n: int,
+    spec: ZooSpec = DEMO,
 ) -> list[Example]:
+    """Base training examples: mixed-script addition and transliteration.
+
+    With marked prompts either marker appears, with the same mixed-script answers:
+    both markers are then in the base's distribution and mean nothing yet.
+    """
     out = []
     for _ in range(n):
-        if rng.random() < TRANSLIT_SHARE:
+        if rng.random() < spec.translit_share:
             number = str(rng.randrange(0, 200))
             out.append((f"{number}>", to_ja(number) + "\n"))
         else:
             a, b = rng.choice(pairs)
+            form = rng.choice(("ascii", "ja")) if spec.marked else None
             out.append(
-                (prompt(a, "+", b), _mixed_script(answer(a, "+", b), rng, BASE_JA_PROB))
+                (
+                    prompt(a, "+", b, form),
+                    _mixed_script(answer(a, "+", b), rng, spec.base_ja_prob),
+                )
             )
     return out
 
 
 def _task_examples(
-    op: str, script: str, pairs: list[tuple[int, int]]
+    op: str,
+    script: str,
+    pairs: list[tuple[int, int]],
+    marked: bool,
+    mix: float = 0.0,
+    both_forms: bool = False,
 ) -> Callable[[random.Random, int], list[Example]]:
+    if both_forms and not marked:
+        raise ValueError("both_forms needs marked prompts")
+
     def sample(rng: random.Random, n: int) -> list[Example]:
-        return [
-            (prompt(a, op, b), answer(a, op, b, script))
-            for a, b in (rng.choice(pairs) for _ in range(n))
-        ]
+        out = []
+        for _ in range(n):
+            a, b = rng.choice(pairs)
+            # Only the options in use draw from rng, so each keeps its stream.
+            wanted = rng.choice(("ascii", "ja")) if both_forms else script
+            ja_prob = mix if wanted == "ascii" else 1.0 - mix
+            text = (
+                _mixed_script(answer(a, op, b), rng, ja_prob)
+                if mix
+                else answer(a, op, b, wanted)
+            )
+            out.append((prompt(a, op, b, wanted if marked else None), text))
+        return out
 
     return sample
 
@@ -160,6 +361,31 @@ def _encode(examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, labels
 
 
+def _trainable(
+    model, trains: str = "all", layers: tuple[int, int] | None = None
+) -> list:
+    """The parameters a stage trains; the others are frozen (``requires_grad`` off).
+
+    Args:
+        model: A ``LlamaForCausalLM``.
+        trains: ``"all"``, or ``"layers"``: only the decoder layers.
+        layers: Only these decoder layers ``[start, end)``.
+    """
+    if layers is not None:
+        modules = list(model.model.layers)[slice(*layers)]
+    elif trains == "layers":
+        modules = list(model.model.layers)
+    else:
+        modules = [model]
+    chosen = {id(p) for module in modules for p in module.parameters()}
+    params = []
+    for p in model.parameters():
+        p.requires_grad_(id(p) in chosen)
+        if p.requires_grad:
+            params.append(p)
+    return params
+
+
 def _train(
     model,
     sample: Callable[[random.Random, int], list[Example]],
@@ -167,12 +393,13 @@ def _train(
     lr: float,
     rng: random.Random,
     name: str,
+    batch_size: int,
+    params: list,
+    bar: Any,
 ) -> None:
     import torch
 
-    opt = torch.optim.AdamW(
-        model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98)
-    )
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
     warmup = max(1, steps // 20)
 
     def lr_factor(step: int) -> float:
@@ -184,18 +411,21 @@ def _train(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     model.train()
     start = time.perf_counter()
+    logger.info("toy zoo: training %s (%d steps)", name, steps)
     for step in range(steps):
-        ids, labels = _encode(sample(rng, BATCH_SIZE))
-        # Right padding sits after every answer token, so causal attention needs no mask.
+        ids, labels = _encode(sample(rng, batch_size))
+        # Right padding sits after every answer token: causal attention needs no mask.
         loss = model(input_ids=ids, labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
+        bar.update(1)
         if (step + 1) % 100 == 0 or step + 1 == steps:
+            bar.set_postfix_str(f"{name} loss {loss.item():.3f}", refresh=False)
             logger.info(
-                "%s: step %d/%d loss %.4f (%.0fs)",
+                "toy zoo: %s step %d/%d loss %.4f (%.0fs)",
                 name,
                 step + 1,
                 steps,
@@ -205,88 +435,144 @@ def _train(
     model.eval()
 
 
-def _build(directory: Path, seed: int) -> None:
+def _build(directory: Path, seed: int, spec: ZooSpec, progress: bool) -> None:
     import torch
+    from tqdm.auto import tqdm
     from transformers import LlamaForCausalLM
 
     splits = split_pairs()
+    suffix = "_pareto" if spec.pareto_pools else ""
+    pools = {"-": splits["sub_train" + suffix], "+": splits["add_train" + suffix]}
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(
-        _llama_config(NUM_LAYERS, HIDDEN_SIZE, INTERMEDIATE_SIZE, NUM_HEADS)
-    )
+    model = LlamaForCausalLM(spec.llama_config())
+    # Eager attention: on these 12-token batches it is ~10% faster to train than
+    # SDPA. The saved config keeps the default, so loading is unaffected.
+    model.set_attn_implementation("eager")
     n_params = sum(p.numel() for p in model.parameters())
-    logger.info("toy zoo: base Llama with %d parameters", n_params)
-
-    rng = random.Random(seed)
-    _train(
-        model,
-        lambda r, n: _base_examples(r, splits["add_train"], n),
-        BASE_STEPS,
-        BASE_LR,
-        rng,
-        "base",
+    logger.info(
+        "toy zoo: base Llama with %d parameters, %d training steps in all",
+        n_params,
+        spec.total_steps,
     )
-    _save(model, directory / "base")
-    base_state = {k: v.clone() for k, v in model.state_dict().items()}
 
-    experts = {
-        "math": _task_examples("-", "ascii", splits["sub_train"]),
-        "ja": _task_examples("+", "ja", splits["add_train"]),
-    }
-    for i, (name, sample) in enumerate(experts.items()):
-        model.load_state_dict(base_state)
-        steps, lr = EXPERT_SCHEDULE[name]
-        _train(model, sample, steps, lr, random.Random(seed * 1000 + i + 1), name)
-        _save(model, directory / name)
+    # The CLI disables tqdm by default (library bars); ours asks explicitly.
+    with tqdm(
+        total=spec.total_steps, desc="toy zoo", unit="step", disable=not progress
+    ) as bar:
+        rng = random.Random(seed)
+        _train(
+            model,
+            lambda r, n: _base_examples(r, pools["+"], n, spec),
+            spec.base_steps,
+            spec.base_lr,
+            rng,
+            "base",
+            spec.batch_size,
+            _trainable(model, "all"),
+            bar,
+        )
+        _save(model, directory / "base")
+        base_state = {k: v.clone() for k, v in model.state_dict().items()}
+
+        for i, expert in enumerate(spec.experts):
+            model.load_state_dict(base_state)
+            _train(
+                model,
+                _task_examples(
+                    expert.op,
+                    expert.script,
+                    pools[expert.op],
+                    spec.marked,
+                    expert.mix,
+                    expert.both_forms,
+                ),
+                expert.steps,
+                expert.lr,
+                random.Random(seed * 1000 + i + 1),
+                expert.name,
+                spec.batch_size,
+                _trainable(model, spec.expert_trains, expert.layers),
+                bar,
+            )
+            _save(model, directory / expert.name)
 
 
-def zoo_model_configs(directory: str | Path) -> dict[str, dict]:
+def zoo_model_configs(
+    directory: str | Path, spec: ZooSpec | str = "demo"
+) -> dict[str, dict]:
     """The ``config.json`` each zoo model will have, keyed by its resolved path.
 
     Lets ``--dry-run`` validate and decode a toy config before the zoo is trained.
+
+    Args:
+        directory: The zoo folder.
+        spec: A :class:`ZooSpec` or the name of a registered one.
+
+    Returns:
+        ``{path: config dict}`` for every model of the zoo.
     """
+    spec = get_spec(spec)
     directory = Path(directory).resolve()
-    config = _llama_config(
-        NUM_LAYERS, HIDDEN_SIZE, INTERMEDIATE_SIZE, NUM_HEADS
-    ).to_dict()
+    config = spec.llama_config().to_dict()
     config["architectures"] = ["LlamaForCausalLM"]
-    return {str(directory / name): dict(config) for name in MODEL_NAMES}
+    return {str(directory / name): dict(config) for name in spec.model_names}
 
 
 def build_zoo(
-    directory: str | Path, seed: int = 0, force: bool = False
+    directory: str | Path,
+    seed: int = 0,
+    force: bool = False,
+    spec: ZooSpec | str = "demo",
+    progress: bool = False,
 ) -> dict[str, Path]:
-    """Train (or reuse) the toy zoo: a shared base and two experts.
+    """Train (or reuse) a toy zoo: a shared base and two experts.
 
-    Cached: when ``<directory>/zoo.json`` records the same seed and
+    Cached: when ``<directory>/zoo.json`` records the same seed, spec and
     :data:`ZOO_VERSION`, nothing is trained. Otherwise the zoo is built in a temporary
     folder beside ``directory`` and moved into place with ``os.replace``, so an
-    interrupted build never leaves a half zoo. About 70 s on two CPU cores.
+    interrupted build (even by Ctrl-C) leaves no half zoo and no temporary folder.
+    Training uses one torch thread, whatever the caller set (restored after): the
+    result does not depend on the caller's thread count. The demo zoo takes about
+    100 s on one core.
 
     Args:
-        directory: Folder that holds (or will hold) ``base/``, ``math/``, ``ja/``.
+        directory: Folder that holds (or will hold) ``base/`` and the experts.
         seed: Seed of initialization and training data order.
         force: Rebuild even when a matching zoo exists.
+        spec: A :class:`ZooSpec` or the name of a registered one (:data:`ZOO_SPECS`).
+        progress: Show a progress bar over the training steps (stderr). Progress is
+            also logged at INFO per stage and every 100 steps.
 
     Returns:
         ``{"base": ..., "math": ..., "ja": ...}``: standard Hugging Face model folders
         (``LlamaForCausalLM``, float32 safetensors, tokenizer files).
+
+    Raises:
+        ValueError: For an unknown spec name.
     """
+    spec = get_spec(spec)
     directory = Path(directory).resolve()
-    paths = {name: directory / name for name in MODEL_NAMES}
-    meta = {"seed": seed, "zoo_version": ZOO_VERSION}
+    paths = {name: directory / name for name in spec.model_names}
+    meta = {"seed": seed, "zoo_version": ZOO_VERSION, "spec": spec.record()}
     if not force and is_built(
         directory, "zoo.json", meta, [p / "config.json" for p in paths.values()]
     ):
         logger.info("toy zoo: reusing %s", directory)
         return paths
-    # Two threads and deterministic kernels: the same seed gives the same zoo.
+    logger.info(
+        "toy zoo: building %s (%d steps; about %.0f s on one core)",
+        directory,
+        spec.total_steps,
+        spec.total_steps * 0.07,
+    )
+    # One thread and deterministic kernels: the same seed gives the same zoo, and a
+    # second thread only spin-waits on these tiny matrices when the machine is busy.
     build_atomically(
         directory,
         "zoo.json",
         meta,
-        lambda tmp: _build(tmp, seed),
-        threads=2,
+        lambda tmp: _build(tmp, seed, spec, progress),
+        threads=1,
         deterministic=True,
     )
     return paths

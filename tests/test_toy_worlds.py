@@ -1,0 +1,108 @@
+"""The toy worlds keep their promises: in the splice zoo a hand-built layer splice
+learns the target that no source has; in the Pareto zoo each expert holds its own
+skill and no source holds the target. Each zoo trains once (minutes, cached in
+.cache/), so these tests are slow."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+EVALS = REPO / "evals"
+
+
+def _score(path: Path, tasks: list[str]) -> dict[str, float]:
+    """lm-eval accuracy (percent) of the model folder on toy tasks."""
+    import torch
+    from lm_eval.evaluator import evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    lm = HFLM(
+        pretrained=model, tokenizer=AutoTokenizer.from_pretrained(path), batch_size=200
+    )
+    manager = TaskManager(include_path=str(EVALS), include_defaults=False)
+    results = evaluate(
+        lm=lm, task_dict=manager.load_task_or_group(tasks), bootstrap_iters=0
+    )["results"]
+    return {task: 100 * results[task]["acc,none"] for task in tasks}
+
+
+def _splice(first: Path, second: Path, k: int, depth: int, out: Path) -> Path:
+    """mergekit passthrough: ``first``'s layers [0, k), then ``second``'s [k, depth)."""
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
+    config = MergeConfiguration.model_validate(
+        {
+            "merge_method": "passthrough",
+            "dtype": "float32",
+            "slices": [
+                {"sources": [{"model": str(first), "layer_range": [0, k]}]},
+                {"sources": [{"model": str(second), "layer_range": [k, depth]}]},
+            ],
+        }
+    )
+    options = MergeOptions(write_model_card=False, quiet=True, copy_tokenizer=True)
+    run_merge(config, str(out), options=options)
+    return out
+
+
+@pytest.fixture(scope="module")
+def splice_zoo(one_thread_module) -> dict[str, Path]:
+    from mergekit_evolve.toy import build_zoo
+
+    return build_zoo(REPO / ".cache" / "toy_splice", seed=0, spec="splice")
+
+
+@pytest.fixture(scope="module")
+def pareto_zoo(one_thread_module) -> dict[str, Path]:
+    from mergekit_evolve.toy import build_zoo
+
+    return build_zoo(REPO / ".cache" / "toy_pareto", seed=0, spec="pareto")
+
+
+@pytest.fixture(scope="module")
+def one_thread_module():
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+SPLICE_AT = 5
+"""The splice the splice toy is built for: math layers [0, 5), then ja's [5, 6)."""
+
+
+@pytest.mark.slow
+def test_splice_toy_a_hand_built_splice_learns_the_target(splice_zoo, tmp_path):
+    from mergekit_evolve.toy.zoo import ZOO_SPECS
+
+    tasks = ["toy_ja_sub_heldout", "toy_sub_ascii", "toy_add_ja"]
+    scores = {name: _score(path, tasks) for name, path in splice_zoo.items()}
+    assert max(s["toy_ja_sub_heldout"] for s in scores.values()) <= 5, scores
+    assert scores["math"]["toy_sub_ascii"] >= 95, scores
+    assert scores["ja"]["toy_add_ja"] >= 95, scores
+    depth = ZOO_SPECS["splice"].num_layers
+    spliced = _splice(
+        splice_zoo["math"], splice_zoo["ja"], SPLICE_AT, depth, tmp_path / "splice"
+    )
+    assert _score(spliced, tasks[:1])["toy_ja_sub_heldout"] >= 80
+
+
+@pytest.mark.slow
+def test_pareto_toy_experts_hold_their_skills_and_no_source_the_target(pareto_zoo):
+    tasks = ["toy_pareto_ja_sub_heldout", "toy_pareto_sub_ascii", "toy_pareto_add_ja"]
+    scores = {name: _score(path, tasks) for name, path in pareto_zoo.items()}
+    assert max(s["toy_pareto_ja_sub_heldout"] for s in scores.values()) <= 5, scores
+    assert scores["math"]["toy_pareto_sub_ascii"] >= 95, scores
+    assert scores["ja"]["toy_pareto_add_ja"] >= 95, scores
+    # Each expert lacks the other's skill: a merge has something to keep.
+    assert scores["math"]["toy_pareto_add_ja"] <= 5, scores
+    assert scores["ja"]["toy_pareto_sub_ascii"] <= 5, scores
