@@ -37,10 +37,30 @@ from .vlm.config import VlmConfig
 
 
 class ToyZooConfig(StrictModel):
-    """Build the toy model zoo into ``dir`` before the run when it is missing."""
+    """Build a toy model zoo into ``dir`` before the run when it is missing.
+
+    Attributes:
+        dir: The zoo folder.
+        seed: Seed of initialization and training order.
+        kind: Which zoo (``mergekit_evolve.toy.zoo.ZOO_SPECS``): ``demo`` (the toy
+            demo), ``splice`` (experts that change only their decoder layers),
+            ``pareto`` (prompts mark the answer form: skills can coexist).
+    """
 
     dir: str
     seed: Seed = 0
+    kind: str = "demo"
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, value: str) -> str:
+        from .toy.zoo import ZOO_SPECS
+
+        if value not in ZOO_SPECS:
+            raise ValueError(
+                f"unknown toy zoo {value!r}; expected one of {sorted(ZOO_SPECS)}"
+            )
+        return value
 
     @field_validator("dir")
     @classmethod

@@ -94,7 +94,7 @@ class Evolution:
         self.progress = progress
         self.run_dir = RunDir(config.output.dir)
         self.prepared: PreparedRun = prepare_run(
-            config, build=build_zoo, planned_models=planned_models
+            config, build=build_zoo, planned_models=planned_models, progress=progress
         )
         self.optimizer: Optimizer = make_search_optimizer(
             self.space, config.optimizer, objective_count(config)

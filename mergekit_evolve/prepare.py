@@ -50,6 +50,7 @@ def prepare_run(
     config: RunConfig,
     build: bool = True,
     planned_models: dict[str, dict[str, Any]] | None = None,
+    progress: bool = False,
 ) -> PreparedRun:
     """Validates everything that can be checked before a run directory exists:
     source models, the search space, and that every lm-eval task exists.
@@ -61,6 +62,7 @@ def prepare_run(
             (off for dry runs: nothing is written).
         planned_models: ``{path: config.json dict}`` of source models that do not
             exist yet but will before the run (a hybrid's PS model).
+        progress: Show a progress bar while a toy zoo trains.
 
     Raises:
         ConfigError: anything wrong with the config's models, space or tasks.
@@ -70,7 +72,7 @@ def prepare_run(
             "space.type: a hybrid runs in two stages, each prepared on its own; "
             "use mergekit_evolve.hybrid.HybridEvolution"
         )
-    planned = {**_toy_models(config, build), **(planned_models or {})}
+    planned = {**_toy_models(config, build, progress), **(planned_models or {})}
     sources = load_sources(config.sources, planned=planned)
     if config.vlm is not None:
         # Spaces and mergekit see the VLM's text decoder (extracted once, cached)
@@ -88,17 +90,20 @@ def prepare_run(
     return PreparedRun(config, sources, space)
 
 
-def _toy_models(config: RunConfig, build: bool) -> dict[str, dict[str, Any]]:
+def _toy_models(
+    config: RunConfig, build: bool, progress: bool = False
+) -> dict[str, dict[str, Any]]:
     """Builds the toy zoo and toy VLM a config asks for (``build``), or returns the
     ``config.json`` of each one not built yet, by path."""
     planned: dict[str, dict[str, Any]] = {}
     if config.toy_zoo is not None:
         from .toy import build_zoo, zoo_model_configs
 
+        zoo = config.toy_zoo
         if build:
-            build_zoo(config.toy_zoo.dir, seed=config.toy_zoo.seed)
+            build_zoo(zoo.dir, seed=zoo.seed, spec=zoo.kind, progress=progress)
         else:
-            planned.update(zoo_model_configs(config.toy_zoo.dir))
+            planned.update(zoo_model_configs(zoo.dir, spec=zoo.kind))
     if config.vlm is not None:
         from .vlm import plan_toy_vlm
 

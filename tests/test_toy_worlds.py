@@ -106,3 +106,28 @@ def test_pareto_toy_experts_hold_their_skills_and_no_source_the_target(pareto_zo
     # Each expert lacks the other's skill: a merge has something to keep.
     assert scores["math"]["toy_pareto_add_ja"] <= 5, scores
     assert scores["ja"]["toy_pareto_sub_ascii"] <= 5, scores
+
+
+@pytest.mark.slow
+def test_a_dataflow_search_written_as_before_finds_the_splice(splice_zoo, tmp_path):
+    """configs/toy_splice.yml as written (no new keys), on a budget of one
+    generation: the seeded data-flow search finds a splice that reaches the target
+    held out, which no source does (seen on main 3903bf4: every one of 300
+    candidates scored 0 on two seeds, and candidate 0 was reported as the best)."""
+    from mergekit_evolve.loading import load_config
+    from mergekit_evolve.loop import Evolution
+
+    config = load_config(REPO / "configs" / "toy_splice.yml").with_overrides(
+        **{
+            "output.dir": str(tmp_path / "run"),
+            "optimizer.max_evals": 12,  # the seeds: two own paths and ten splices
+            "heldout.tasks": [{"task": "toy_ja_sub_heldout"}],
+            "output.save_final": False,
+        }
+    )
+    summary = Evolution(config).run()
+    target = summary["heldout"]["best"]["toy_ja_sub_heldout"]
+    sources = summary["heldout"]["sources"]
+    assert target >= 0.8, summary["heldout"]
+    assert max(s["toy_ja_sub_heldout"] for s in sources.values()) < 0.1
+    assert "no_signal" not in summary
