@@ -38,6 +38,7 @@ from .prepare import (
     make_search_optimizer,
     objective_count,
     prepare_run,
+    space_from_settings,
 )
 from .rundir import STATE_FILE, RunDir
 from .spaces.base import SearchSpace
@@ -47,7 +48,7 @@ from .study import Study
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Search", "Trial", "evolve", "make_evolution", "space_from_settings"]
+__all__ = ["Search", "Trial", "evolve", "make_evolution"]
 
 
 def evolve(
@@ -465,42 +466,6 @@ class Search:
     def history(self) -> list[Result]:
         """Every told result, in trial order."""
         return self.study.history()
-
-
-def space_from_settings(
-    sources: Any, space: Any, dtype: str | None = None
-) -> SearchSpace:
-    """A search space from a ``sources`` and a ``space`` block alone (mappings as in a
-    config file; relative paths resolve against the current directory).
-
-    Raises:
-        ConfigError: a block is missing or invalid (one line naming the field).
-    """
-    from pydantic import TypeAdapter, ValidationError
-
-    from .config import SpaceConfig
-    from .sources import SourcesConfig, load_sources
-    from .spaces import make_space
-
-    if not isinstance(sources, dict) or not isinstance(space, dict):
-        raise ConfigError(
-            "Search: give sources and space (mappings as in a config file), a "
-            "config, a config path or a SearchSpace"
-        )
-    context = {"base_dir": str(Path.cwd())}
-    try:
-        source_config = SourcesConfig.model_validate(sources, context=context)
-    except ValidationError as e:
-        raise ConfigError(format_validation_error(e, "sources")) from None
-    try:
-        space_config = TypeAdapter(SpaceConfig).validate_python(space, context=context)
-    except ValidationError as e:
-        raise ConfigError(format_validation_error(e, "space")) from None
-    if space_config.type == "hybrid":
-        raise ConfigError("space.type: a hybrid runs as a whole run (evolve())")
-    return make_space(
-        space_config, load_sources(source_config), dtype or source_config.dtype
-    )
 
 
 def _optimizer_config(

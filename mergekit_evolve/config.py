@@ -1,5 +1,8 @@
 """The run configuration: one YAML file, validated into frozen pydantic models.
 
+(One module, longer than most: every block of a run config in one place, the schema a
+user reads; it holds models only, no file reading or run logic.)
+
 Relative paths resolve against the directory of the config file. Every problem is
 reported as one :class:`~mergekit_evolve.errors.ConfigError` line naming the field
 (``sources.models.1.path: ...``) or the file.

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .builder import Builder
@@ -235,3 +236,39 @@ def planned_model_config(
     ):  # a model, not base/union
         planned["vocab_size"] = config_of(tokenizer)["vocab_size"]
     return planned
+
+
+def space_from_settings(
+    sources: Any, space: Any, dtype: str | None = None
+) -> SearchSpace:
+    """A search space from a ``sources`` and a ``space`` block alone (mappings as in a
+    config file; relative paths resolve against the current directory).
+
+    Raises:
+        ConfigError: a block is missing or invalid (one line naming the field).
+    """
+    from pydantic import TypeAdapter, ValidationError
+
+    from .config import SpaceConfig
+    from .sources import SourcesConfig
+    from .strict import format_validation_error
+
+    if not isinstance(sources, dict) or not isinstance(space, dict):
+        raise ConfigError(
+            "Search: give sources and space (mappings as in a config file), a "
+            "config, a config path or a SearchSpace"
+        )
+    context = {"base_dir": str(Path.cwd())}
+    try:
+        source_config = SourcesConfig.model_validate(sources, context=context)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, "sources")) from None
+    try:
+        space_config = TypeAdapter(SpaceConfig).validate_python(space, context=context)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, "space")) from None
+    if space_config.type == "hybrid":
+        raise ConfigError("space.type: a hybrid runs as a whole run (evolve())")
+    return make_space(
+        space_config, load_sources(source_config), dtype or source_config.dtype
+    )

@@ -1,5 +1,8 @@
 """A warm vLLM engine whose weights are swapped per candidate, behind lm-eval.
 
+(One module, longer than most: the engine, its swap paths and the lm-eval wrapper
+change together whenever vLLM or lm-eval does.)
+
 One :class:`VllmEngine` per worker runs ``vllm.LLM`` in this process
 (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), started once from a model folder. Each
 candidate's tensors replace the engine's weights through vLLM's supported reload path

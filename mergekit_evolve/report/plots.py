@@ -1,5 +1,8 @@
 """The plots of a run directory: ``fitness.png``, ``genes.png`` and ``heldout.png``.
 
+(One module, longer than most: three figures that share their helpers, legends and
+labels; split, each would import the others' private helpers.)
+
 Each plot says what it shows without the docs: a title with the run's name, axis
 labels with the task and metric, and a legend outside the data. matplotlib is
 imported only when a plot is drawn, with the Agg backend (no display needed).

@@ -1,5 +1,7 @@
 """Data-flow-space merging (DFS), exported as standard ``passthrough`` checkpoints.
 
+(Longer than most modules: a fifth of it is the derivation below.)
+
 Akiba et al. (2024), "Evolutionary Optimization of Model Merging Recipes", Sec. 3.2:
 the layers of the ``N`` source models are laid out in order (model 0 layers
 ``0..L0-1``, model 1 layers ``0..L1-1``, ...), ``M = sum(L_n)`` layers in all, and the

@@ -1,5 +1,8 @@
 """A tiny, offline LLaVA whose merge with the toy Japanese expert answers in Japanese.
 
+(One module, longer than most: the toy VLM's images, tasks and training, kept
+together like the text zoo's.)
+
 The toy VLM is a ``LlavaForConditionalGeneration``: a 2-layer CLIP vision tower
 (32 x 32 images, 8 x 8 patches: 16 image tokens), a projector, and the toy zoo's
 *base* LM with an added ``<image>`` token. It is trained briefly (tower frozen at its

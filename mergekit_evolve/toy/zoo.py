@@ -1,5 +1,8 @@
 """A tiny, offline model zoo whose experts compose only under a good merge recipe.
 
+(One module, longer than most: the spec, the data and the training loop of one
+builder that serves every zoo.)
+
 Every zoo is three Llama models sharing one character-level tokenizer, trained by one
 builder from a :class:`ZooSpec`:
 
