@@ -154,8 +154,9 @@ def test_hybrid_runs_both_stages_and_resumes(
         assert (run_dir / stage / "best.yml").is_file() and (
             run_dir / stage / "summary.json"
         ).is_file()
+    # The result is the selected stage's (the PS model unless DFS is fitter).
     assert (run_dir / "best.yml").read_text() == (
-        run_dir / "dfs" / "best.yml"
+        run_dir / summary["selected"] / "best.yml"
     ).read_text()
     assert json.loads((run_dir / "summary.json").read_text()) == summary
 
