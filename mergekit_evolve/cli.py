@@ -24,7 +24,10 @@ from typing import Any  # noqa: E402
 
 import click  # noqa: E402
 
-from . import __version__  # noqa: E402
+from . import (
+    __version__,  # noqa: E402
+    interrupts,  # noqa: E402
+)
 from .errors import ConfigError, MergekitEvolveError, ResumeError  # noqa: E402
 
 LIBRARY_LOGGERS = (
@@ -244,7 +247,7 @@ def main(
     if no_preflight and not dry_run:
         raise click.UsageError("--no-preflight goes with --dry-run")
     where: dict[str, str] = {}  # the run directory, once known (for the resume hint)
-    signal.signal(signal.SIGTERM, _terminate)
+    interrupts.install()
     try:
         flags = merge_flag_aliases(
             {"output": output, "max_evals": max_evals, "seed": seed, "cuda": cuda},
@@ -269,8 +272,8 @@ def main(
             extra=extra,
             where=where,
         )
-    except (KeyboardInterrupt, Terminated) as e:
-        status = 143 if isinstance(e, Terminated) else 130
+    except (KeyboardInterrupt, interrupts.Interrupted) as e:
+        status = 128 + int(getattr(e, "signum", signal.SIGINT))
         if "output" not in where:
             click.echo("interrupted", err=True)
             sys.exit(status)
@@ -295,15 +298,6 @@ def one_line(message: str) -> str:
     """A message on one line: libraries' multi-line errors (pydantic, tokenizers)
     are folded, so every failure is the one line a user (or a script) reads."""
     return " ".join(part.strip() for part in message.splitlines() if part.strip())
-
-
-class Terminated(BaseException):
-    """SIGTERM, raised where the run is (like KeyboardInterrupt for SIGINT), so that
-    finished candidates stay recorded and the run directory stays resumable."""
-
-
-def _terminate(signum, frame) -> None:
-    raise Terminated()
 
 
 def _run(

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import objective, report
+from . import interrupts, objective, report
 from .builder import Builder
 from .config import RunConfig
 from .errors import MergekitEvolveError
@@ -232,7 +232,7 @@ class Evolution:
             dynamic_ncols=True,
         )
         self._show_best(bar, study)
-        with runner, bar:
+        with runner, bar, interrupts.graceful():
             while not study.done or study.retry:
                 for result in runner.evaluate(study.ask()):
                     generation = study.state.generation
@@ -246,6 +246,7 @@ class Evolution:
                     )
                     if study.state.generation > generation:
                         _stop_if_all_failed(study, generation)
+                    interrupts.check()  # after the result is recorded
         return self._finish(study, worker, trackers)
 
     @staticmethod
