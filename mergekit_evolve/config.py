@@ -22,6 +22,7 @@ from pydantic import (
     model_validator,
 )
 
+from .engines.vllm_engine import VllmSettings
 from .errors import ConfigError
 from .sources import SourcesConfig
 from .spaces.dataflow import DataflowSpaceConfig
@@ -152,6 +153,27 @@ class EvalSuiteConfig(StrictModel):
         return self
 
 
+class StageConfig(StrictModel):
+    """One stage of a staged fitness (``fitness.stages``).
+
+    Attributes:
+        subsample: Documents per task scored by the end of this stage, a seeded
+            random subset (``fitness.subsample_seed``) that grows from stage to
+            stage; ``None`` on the last stage: the suite's own documents (all, or
+            its ``limit`` / ``subsample``). Where every metric is a mean, a stage
+            scores only the documents that earlier stages did not.
+        margin: A candidate goes on to the next stage when its fitness on this
+            stage is at least the best complete fitness so far (the bar) minus
+            ``margin``. ``None``: two standard errors of a score equal to the bar
+            on ``subsample`` documents, ``2 * sqrt(bar * (1 - bar) / subsample)``,
+            at least ``1 / subsample``; right for scores in [0, 1] (accuracy, exact
+            match), give it for other metrics (:mod:`mergekit_evolve.stages`).
+    """
+
+    subsample: int | None = Field(default=None, ge=1)
+    margin: float | None = Field(default=None, ge=0)
+
+
 class FitnessConfig(EvalSuiteConfig):
     """The tasks whose weighted mean score is the fitness CMA-ES maximizes.
 
@@ -165,14 +187,48 @@ class FitnessConfig(EvalSuiteConfig):
             ``keep_fraction`` of the best source's score on it (else the best
             target). See docs/optimizers.md.
         keep_fraction: See ``mode``.
+        stages: Staged evaluation, e.g. ``[{subsample: 64}, {}]``: every candidate
+            is scored on the first stage, and goes on only while it could still
+            beat the best complete candidate (:class:`StageConfig`); a candidate
+            stopped early is told its last stage's fitness, an unbiased estimate of
+            its full fitness, and cannot become the best. See docs/fitness.md.
     """
 
     task_dirs: list[str] = Field(default_factory=list)
     mode: Literal["single", "pareto"] = "single"
     keep_fraction: float = Field(default=0.9, ge=0, le=1)
+    stages: list[StageConfig] = Field(default_factory=list)
+
+    @field_validator("stages")
+    @classmethod
+    def _stages(cls, value: list[StageConfig]) -> list[StageConfig]:
+        if len(value) == 1:
+            raise ValueError(
+                "give at least two stages (a cheap screen, then the full fitness), "
+                "or none"
+            )
+        for i, stage in enumerate(value[:-1]):
+            if stage.subsample is None:
+                raise ValueError(
+                    f"stage {i} needs a subsample: every stage but the last scores "
+                    "a subset of the documents"
+                )
+        sizes = [s.subsample for s in value[:-1]]
+        if sizes != sorted(set(sizes)):
+            raise ValueError(
+                f"stage subsamples must grow from stage to stage, got {sizes}"
+            )
+        if value and value[-1].margin is not None:
+            raise ValueError("the last stage takes no margin: nothing comes after it")
+        return value
 
     @model_validator(mode="after")
     def _objectives(self) -> FitnessConfig:
+        if self.mode == "pareto" and self.stages:
+            raise ValueError(
+                "stages: staged evaluation compares one fitness with the best so "
+                "far; mode: pareto has no single best"
+            )
         if self.mode == "pareto" and len(self.tasks) < 2:
             raise ValueError(
                 "mode: pareto searches one objective per task and needs at least "
@@ -228,6 +284,21 @@ class BuilderConfig(StrictModel):
     in_memory: bool = True
     dtype: DType | None = None
     random_seed: Seed | None = None
+
+
+class EvaluatorConfig(StrictModel):
+    """What runs the models while lm-eval scores them.
+
+    Attributes:
+        backend: ``hf``: lm-eval's Hugging Face wrapper over the built model.
+            ``vllm``: one warm vLLM engine per worker whose weights are replaced by
+            each candidate's (``pip install -e ".[vllm]"``; text models only); a
+            candidate whose config differs (a layer stack's depth) restarts it.
+        vllm: Engine settings for ``backend: vllm``.
+    """
+
+    backend: Literal["hf", "vllm"] = "hf"
+    vllm: VllmSettings = Field(default_factory=VllmSettings)
 
 
 class RunnerConfig(StrictModel):
@@ -411,6 +482,7 @@ class RunConfig(StrictModel):
     runner: RunnerConfig = Field(default_factory=RunnerConfig)
     output: OutputConfig
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    evaluator: EvaluatorConfig = Field(default_factory=EvaluatorConfig)
 
     @model_validator(mode="after")
     def _budget(self) -> RunConfig:
@@ -421,6 +493,11 @@ class RunConfig(StrictModel):
                 f"max_evals is {self.optimizer.max_evals}: no generation would "
                 "complete, so CMA-ES would never learn (raise max_evals or lower "
                 "population)"
+            )
+        if self.evaluator.backend == "vllm" and self.vlm is not None:
+            raise ValueError(
+                "evaluator.backend: vllm scores text models; a vlm config is scored "
+                "with backend: hf"
             )
         return self
 
@@ -448,6 +525,14 @@ class RunConfig(StrictModel):
         relevant = self.model_dump(
             mode="json", exclude={"output", "runner", "heldout", "tracking"}
         )
+        # The backend decides the scores, its engine settings only their speed. The
+        # defaults (hf, no stages) are left out, so runs made before these keys
+        # existed still resume.
+        evaluator = relevant.pop("evaluator")
+        if evaluator["backend"] != "hf":
+            relevant["evaluator"] = {"backend": evaluator["backend"]}
+        if not relevant["fitness"]["stages"]:
+            del relevant["fitness"]["stages"]
         relevant["optimizer"].pop("max_evals")  # a resumed run may extend its budget
         return content_hash(relevant)
 

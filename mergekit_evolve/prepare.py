@@ -18,7 +18,7 @@ from typing import Any
 from .builder import Builder
 from .config import EvalSuiteConfig, OptimizerConfig, RunConfig
 from .errors import ConfigError
-from .evaluator import Evaluator
+from .evaluator import Evaluator, VllmPlan
 from .optimizer import Optimizer
 from .sources import SourceSet, load_sources
 from .spaces import SearchSpace, make_space
@@ -44,7 +44,7 @@ class PreparedRun:
         return make_builder(self.config, self.sources)
 
     def make_evaluator(self, suite: EvalSuiteConfig) -> Evaluator:
-        return make_evaluator(self.config, suite)
+        return make_evaluator(self.config, suite, self.sources)
 
 
 def prepare_run(
@@ -179,14 +179,31 @@ def make_builder(config: RunConfig, sources: SourceSet) -> Builder:
     )
 
 
-def make_evaluator(config: RunConfig, suite: EvalSuiteConfig) -> Evaluator:
-    """An evaluator for one suite of the config (its fitness or held-out tasks)."""
-    field = "fitness.tasks" if suite is config.fitness else "heldout.tasks"
+def make_evaluator(
+    config: RunConfig, suite: EvalSuiteConfig, sources: SourceSet | None = None
+) -> Evaluator:
+    """An evaluator for one suite of the config (its fitness or held-out tasks).
+
+    Args:
+        config: The run config.
+        suite: ``config.fitness`` or ``config.heldout``.
+        sources: The prepared sources; ``evaluator.backend: vllm`` starts its engine
+            on the base model (else the first).
+    """
+    fitness = suite is config.fitness
+    vllm = None
+    if config.evaluator.backend == "vllm":
+        if sources is None:
+            raise ValueError("evaluator.backend: vllm needs the prepared sources")
+        start = sources.base or sources.models[0]
+        vllm = VllmPlan(config.evaluator.vllm, start.path)
     return Evaluator(
         suite,
         config.fitness.task_dirs,
         multimodal=config.vlm is not None,
-        field=field,
+        field="fitness.tasks" if fitness else "heldout.tasks",
+        vllm=vllm,
+        stages=config.fitness.stages if fitness else (),
     )
 
 

@@ -18,11 +18,14 @@ class Candidate:
         index: Position in the run (0, 1, 2...), unique.
         generation: Optimizer generation that asked for it.
         genome: Point in the unit cube.
+        stage_bar: A staged fitness's bar for its generation (:mod:`.stages`): the
+            best complete fitness when the generation was asked.
     """
 
     index: int
     generation: int
     genome: tuple[float, ...]
+    stage_bar: float | None = None
 
 
 @dataclass
@@ -39,6 +42,11 @@ class Result:
         objectives: One score per fitness task, each maximized (what a Pareto
             search is told; :func:`~mergekit_evolve.objective.objectives`).
         error: ``"ErrorType: message"`` for failed candidates.
+        stages: A staged fitness's stages reached, in order: ``{"fitness",
+            "metrics", "seconds"}`` each; ``fitness`` and ``metrics`` are the last
+            one's (:mod:`.stages`).
+        screened: Stopped before the last stage: ``fitness`` is an estimate and
+            the candidate cannot be the run's best.
     """
 
     index: int
@@ -51,6 +59,8 @@ class Result:
     genes: dict[str, float] = field(default_factory=dict)
     objectives: list[float] | None = None
     error: str | None = None
+    stages: list[dict[str, Any]] | None = None
+    screened: bool = False
     build_seconds: float = 0.0
     eval_seconds: float = 0.0
     worker: str | None = None

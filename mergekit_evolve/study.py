@@ -14,10 +14,12 @@ Like Optuna's ``study.tell``, results may be recorded one by one and in any orde
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
 
+from . import stages
 from .errors import ResumeError
 from .optimizer import Optimizer
 from .rundir import STATE_FILE, RunDir, StateUnreadableError
@@ -73,8 +75,9 @@ def _latest(results: Sequence[Result]) -> dict[int, Result]:
 
 
 def best_result(results: Sequence[Result]) -> Result | None:
-    """Highest fitness among successful results; ties go to the earliest."""
-    ok = [r for r in results if r.ok]
+    """Highest fitness among complete successful results (a staged fitness's
+    screened candidates only have an estimate); ties go to the earliest."""
+    ok = [r for r in results if stages.complete(r)]
     return max(ok, key=lambda r: (r.fitness, -r.index)) if ok else None
 
 
@@ -154,6 +157,7 @@ class Study:
             return []
         if not self.state.pending:
             self.optimizer.ask(self.state)
+            self._set_stage_bar(self.state)
             self.save()
         todo = [c for c in self.state.pending if c.index not in self.results]
         return todo[: self.max_evals - len(self.results)]
@@ -192,6 +196,15 @@ class Study:
         elif self._generation_complete():
             self._tell()
         return result
+
+    def _set_stage_bar(self, state: RunState) -> None:
+        """Gives the pending candidates their generation's bar (:mod:`.stages`)."""
+        state.pending = [
+            dataclasses.replace(
+                c, stage_bar=stages.bar(self.results.values(), c.generation)
+            )
+            for c in state.pending
+        ]
 
     def _generation_complete(self) -> bool:
         return all(c.index in self.results for c in self.state.pending)
@@ -241,6 +254,7 @@ class Study:
                         "version made this run)"
                     )
             if len(recorded) < len(candidates):
+                self._set_stage_bar(state)
                 break  # this generation is the pending one
             generation = [self.results[c.index] for c in candidates]
             fitness = self._told(

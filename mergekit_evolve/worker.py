@@ -14,9 +14,9 @@ import socket
 
 import numpy as np
 
-from . import objective
+from . import objective, stages
 from .builder import Builder
-from .config import RunConfig, TaskSpec
+from .config import RunConfig, StageConfig, TaskSpec
 from .errors import CandidateError, EvalError
 from .evaluator import Evaluator
 from .prepare import make_builder, make_evaluator
@@ -36,6 +36,8 @@ class Worker:
         evaluator: The fitness suite.
         tasks: The fitness task specs (metric keys, weights, directions).
         name: Shown in ``history.jsonl`` (which worker evaluated a candidate).
+        stages: A staged fitness (``fitness.stages``; the evaluator was made with
+            them): a candidate goes on while :func:`.stages.goes_on` says so.
     """
 
     def __init__(
@@ -45,12 +47,14 @@ class Worker:
         evaluator: Evaluator,
         tasks: list[TaskSpec],
         name: str | None = None,
+        stages: list[StageConfig] | tuple[StageConfig, ...] = (),
     ) -> None:
         self.space = space
         self.builder = builder
         self.evaluator = evaluator
         self.tasks = tasks
         self.name = name or socket.gethostname()
+        self.stages = list(stages)
 
     def evaluate(self, candidate: Candidate) -> Result:
         """Scores one candidate; never raises for an expected candidate failure."""
@@ -70,14 +74,13 @@ class Worker:
             )
             built = self.builder.build(merge_config)
             result.build_seconds = built.seconds
-            scored = self.evaluator.evaluate(built.model, built.tokenizer)
-            result.eval_seconds = scored.seconds
-            result.metrics = scored.metrics
-            fitness = objective.fitness(scored.metrics, self.tasks)
-            result.objectives = objective.objectives(scored.metrics, self.tasks)
-            if not math.isfinite(fitness):
-                raise EvalError(f"fitness is {fitness}")
-            result.fitness, result.status = fitness, "ok"
+            if self.stages:
+                self._score_stages(candidate, built, result)
+            else:
+                self._score(built, result)
+            if not math.isfinite(result.fitness):
+                raise EvalError(f"fitness is {result.fitness}")
+            result.status = "ok"
         except CandidateError as e:
             # Expected failures only (errors.EXPECTED_FAILURES): a bug propagates and
             # stops the run with its traceback.
@@ -85,6 +88,40 @@ class Worker:
         if result.error:
             logger.warning("candidate %d failed: %s", candidate.index, result.error)
         return result
+
+    def _score(self, built, result: Result) -> None:
+        scored = self.evaluator.evaluate(built.model, built.tokenizer)
+        result.eval_seconds = scored.seconds
+        self._set_metrics(result, scored.metrics)
+
+    def _set_metrics(self, result: Result, metrics) -> None:
+        result.metrics = metrics
+        result.fitness = objective.fitness(metrics, self.tasks)
+        result.objectives = objective.objectives(metrics, self.tasks)
+
+    def _score_stages(self, candidate: Candidate, built, result: Result) -> None:
+        """Scores stage after stage while the candidate could still beat the bar;
+        each stage's fitness is over every document scored so far."""
+        result.stages = []
+        own_metrics = []
+        for k, stage in enumerate(self.stages):
+            scored = self.evaluator.evaluate(built.model, built.tokenizer, stage=k)
+            own_metrics.append(scored.metrics)
+            result.eval_seconds += scored.seconds
+            self._set_metrics(result, self.evaluator.cumulative(own_metrics))
+            result.stages.append(
+                {
+                    "fitness": result.fitness,
+                    "metrics": result.metrics,
+                    "seconds": round(scored.seconds, 4),
+                }
+            )
+            last = k == len(self.stages) - 1
+            if not last and not stages.goes_on(
+                result.fitness, candidate.stage_bar, stage
+            ):
+                result.screened = True
+                break
 
 
 def make_worker(
@@ -111,7 +148,8 @@ def make_worker(
     return Worker(
         space,
         make_builder(config, sources),
-        make_evaluator(config, config.fitness),
+        make_evaluator(config, config.fitness, sources),
         list(config.fitness.tasks),
         name=name,
+        stages=config.fitness.stages,
     )

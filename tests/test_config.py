@@ -183,6 +183,34 @@ MALFORMED = [
     ("unknown-tracking-key", "tracking", {"wandbb": True}, "tracking.wandbb"),
     ("negative-limit", "fitness.limit", -5, "fitness.limit"),
     ("task-typo-in-metric-type", "fitness.tasks.0.metric", 3, "fitness.tasks.0.metric"),
+    # Staged fitness and the evaluator backend (issue 12).
+    ("one-stage", "fitness.stages", [{"subsample": 5}], "at least two stages"),
+    (
+        "stage-without-subsample",
+        "fitness.stages",
+        [{}, {}],
+        "fitness.stages: stage 0 needs a subsample",
+    ),
+    (
+        "margin-on-the-last-stage",
+        "fitness.stages",
+        [{"subsample": 5}, {"margin": 0.1}],
+        "the last stage takes no margin",
+    ),
+    (
+        "negative-margin",
+        "fitness.stages",
+        [{"subsample": 5, "margin": -1}, {}],
+        "fitness.stages.0.margin",
+    ),
+    ("zero-stage-subsample", "fitness.stages", [{"subsample": 0}, {}], "subsample"),
+    ("unknown-backend", "evaluator.backend", "sglang", "evaluator.backend"),
+    (
+        "unknown-vllm-setting",
+        "evaluator",
+        {"backend": "vllm", "vllm": {"gpu_mem": 0.5}},
+        "evaluator.vllm.gpu_mem",
+    ),
 ]
 
 

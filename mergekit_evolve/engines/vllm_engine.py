@@ -542,6 +542,11 @@ class VllmBackend:
         """Engines started by this backend (1 unless a candidate forced a restart)."""
         return self.engine.starts
 
+    @property
+    def lm(self):
+        """The lm-eval wrapper over the engine, with whatever weights it holds."""
+        return self._lm
+
     def lm_for(self, model: PreTrainedModel):
         """Swaps ``model``'s weights into the engine; returns the lm-eval wrapper.
 

@@ -119,6 +119,12 @@ def _search_section(
             f"gain more than {summary.get('min_gain')} fitness over the PS model)"
         )
     else:
+        staged = summary.get("staged_fitness")
+        if staged:
+            lines.append(
+                f"* staged fitness: documents per task {staged.get('subsample')} "
+                f"(null: all); candidates reaching each stage {staged.get('reached')}"
+            )
         lines.append(
             f"* candidates evaluated: {summary.get('evaluations', '?')} "
             f"({summary.get('failed', 0)} failed); the best is candidate "

@@ -102,11 +102,35 @@ def summarize(
             if ok
             else None,
         },
+        # Totals over every candidate, failed ones included: what the search cost.
+        "seconds_total": {
+            "build": round(sum(r.build_seconds for r in results), 2),
+            "eval": round(sum(r.eval_seconds for r in results), 2),
+        },
         "fitness": fitness,
         "best_genes": best.genes,
         "heldout": {"tasks": [t.task for t in config.heldout.tasks], **heldout},
     }
+    if getattr(config.fitness, "stages", None):
+        summary["staged_fitness"] = _stage_facts(config, results)
     return summary
+
+
+def _stage_facts(config: Any, results: Sequence[Result]) -> dict[str, Any]:
+    """How a staged fitness spent its budget: candidates that reached each stage,
+    and the evaluation seconds spent on each."""
+    reached = [0] * len(config.fitness.stages)
+    seconds = [0.0] * len(config.fitness.stages)
+    for result in results:
+        for k, stage in enumerate(result.stages or ()):
+            reached[k] += 1
+            seconds[k] += stage["seconds"]
+    return {
+        "subsample": [s.subsample for s in config.fitness.stages],
+        "reached": reached,
+        "screened": sum(r.screened for r in results),
+        "eval_seconds": [round(s, 2) for s in seconds],
+    }
 
 
 def write_summary(summary: Mapping[str, Any], path: Path) -> None:
