@@ -59,3 +59,8 @@ def test_ja_math_config_follows_the_paper():
     }
     assert config.builder.cuda and config.dtype == "bfloat16"
     assert config.sources.base_model == "mistral" and len(config.sources.models) == 4
+    # Generation on a warm vLLM engine, and a documented staged fitness (issue 12):
+    # a screen on 128 problems, then all 1069.
+    assert config.evaluator.backend == "vllm"
+    assert [s.subsample for s in config.fitness.stages] == [128, None]
+    assert config.evaluator.vllm.max_model_len >= 1024 + 600

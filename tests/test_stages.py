@@ -248,3 +248,17 @@ def test_a_staged_run_killed_mid_generation_resumes_to_the_same_records(
     assert summary["staged_fitness"]["screened"] == sum(
         s for _, s in reference.values()
     )
+
+
+def test_the_fitness_plot_draws_screened_estimates_apart_and_never_as_the_best(
+    staged_run,
+):
+    from mergekit_evolve.report.plots import fitness_figure
+
+    run_dir, summary = staged_run
+    results = History(run_dir).read()
+    figure = fitness_figure(results)
+    labels = [t.get_text() for t in figure.axes[0].get_legend().get_texts()]
+    screened = sum(r.screened for r in results)
+    assert f"stopped early, its estimate ({screened})" in labels
+    assert f"best so far ({summary['fitness']['best']:.4g})" in labels

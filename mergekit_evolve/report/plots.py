@@ -95,10 +95,11 @@ def fitness_figure(
 ):
     """The search's progress as a matplotlib figure.
 
-    Every successful candidate is a dot, failed ones are red crosses at the penalty
-    they were told with, the mean of each generation and the best so far are lines,
-    and ``references`` (sources and baselines scored on the fitness tasks) are
-    dashed horizontal lines. The legend sits right of the axes, off the points.
+    Every successful candidate is a dot (hollow where a staged fitness stopped it
+    early), failed ones are red crosses at the penalty they were told with, the mean
+    of each generation and the best so far are lines, and ``references`` (sources
+    and baselines scored on the fitness tasks) are dashed horizontal lines. The
+    legend sits right of the axes, off the points.
 
     Args:
         results: The run's results (any order).
@@ -112,17 +113,31 @@ def fitness_figure(
     plt = _pyplot()
     results = sorted(results, key=lambda r: r.index)
     ok = [r for r in results if r.ok]
+    complete = [r for r in ok if not r.screened]
+    screened = [r for r in ok if r.screened]
     failed = [r for r in results if not r.ok and r.fitness is not None]
     fig, ax = plt.subplots(figsize=(8.5, 4.5))
     ax.scatter(
-        [r.index for r in ok],
-        [r.fitness for r in ok],
+        [r.index for r in complete],
+        [r.fitness for r in complete],
         s=12,
         alpha=0.55,
         color="tab:blue",
-        label=f"candidate ({len(ok)})",
+        label=f"candidate ({len(complete)})",
         zorder=3,
     )
+    if screened:
+        # A staged fitness's early stop: an estimate, never the best (stages.py).
+        ax.scatter(
+            [r.index for r in screened],
+            [r.fitness for r in screened],
+            s=12,
+            facecolors="none",
+            edgecolors="tab:gray",
+            linewidths=0.7,
+            label=f"stopped early, its estimate ({len(screened)})",
+            zorder=3,
+        )
     if failed:
         ax.scatter(
             [r.index for r in failed],
@@ -155,7 +170,7 @@ def fitness_figure(
         )
     best, line = -math.inf, []
     for r in results:
-        if r.ok:
+        if r.ok and not r.screened:
             best = max(best, r.fitness)
         line.append(best if best > -math.inf else math.nan)
     ax.plot(
