@@ -4,6 +4,7 @@ folders."""
 from __future__ import annotations
 
 import difflib
+import json
 import logging
 from functools import lru_cache
 from pathlib import Path
@@ -67,3 +68,23 @@ def task_manager_for(
             where = next((f"{f}: " for f, n in (fields or {}).items() if n == name), "")
             raise ConfigError(f"{where}unknown lm-eval task {name!r}{hint}")
     return full
+
+
+def load_test_split(path: str | Path):
+    """One jsonl file of a project task as lm-eval's ``custom_dataset``: every row in
+    a ``test`` split.
+
+    The tasks' ``utils.py`` files call this with paths resolved against themselves
+    (lm-eval loads each by path, so they cannot share a helper of their own).
+
+    Args:
+        path: The jsonl file, one document per line (blank lines skipped).
+
+    Returns:
+        A ``datasets.DatasetDict`` with one ``test`` split.
+    """
+    import datasets
+
+    with Path(path).open(encoding="utf-8") as fh:
+        rows = [json.loads(line) for line in fh if line.strip()]
+    return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})

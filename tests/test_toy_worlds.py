@@ -1,7 +1,8 @@
 """The toy worlds keep their promises: in the splice zoo a hand-built layer splice
 learns the target that no source has; in the Pareto zoo each expert holds its own
-skill and no source holds the target. Each zoo trains once (minutes, cached in
-.cache/), so these tests are slow."""
+skill, no source holds the target, and a hand-built merge holds all three while a
+heavier one trades a skill away. Each zoo trains once (minutes, cached in .cache/),
+so these tests are slow."""
 
 from __future__ import annotations
 
@@ -44,6 +45,29 @@ def _splice(first: Path, second: Path, k: int, depth: int, out: Path) -> Path:
             "slices": [
                 {"sources": [{"model": str(first), "layer_range": [0, k]}]},
                 {"sources": [{"model": str(second), "layer_range": [k, depth]}]},
+            ],
+        }
+    )
+    options = MergeOptions(write_model_card=False, quiet=True, copy_tokenizer=True)
+    run_merge(config, str(out), options=options)
+    return out
+
+
+def _task_arithmetic(
+    zoo: dict[str, Path], weights: dict[str, float], out: Path
+) -> Path:
+    """mergekit task arithmetic on ``zoo["base"]``, one weight per expert."""
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
+    config = MergeConfiguration.model_validate(
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": str(zoo["base"]),
+            "dtype": "float32",
+            "models": [
+                {"model": str(zoo[name]), "parameters": {"weight": weight}}
+                for name, weight in weights.items()
             ],
         }
     )
@@ -96,9 +120,16 @@ def test_splice_toy_a_hand_built_splice_learns_the_target(splice_zoo, tmp_path):
     assert _score(spliced, tasks[:1])["toy_ja_sub_heldout"] >= 80
 
 
+PARETO_TASKS = [
+    "toy_pareto_ja_sub_heldout",  # the target
+    "toy_pareto_sub_ascii",  # the math expert's skill
+    "toy_pareto_add_ja",  # the Japanese expert's skill
+]
+
+
 @pytest.mark.slow
 def test_pareto_toy_experts_hold_their_skills_and_no_source_the_target(pareto_zoo):
-    tasks = ["toy_pareto_ja_sub_heldout", "toy_pareto_sub_ascii", "toy_pareto_add_ja"]
+    tasks = PARETO_TASKS
     scores = {name: _score(path, tasks) for name, path in pareto_zoo.items()}
     assert max(s["toy_pareto_ja_sub_heldout"] for s in scores.values()) <= 5, scores
     assert scores["math"]["toy_pareto_sub_ascii"] >= 95, scores
@@ -106,6 +137,29 @@ def test_pareto_toy_experts_hold_their_skills_and_no_source_the_target(pareto_zo
     # Each expert lacks the other's skill: a merge has something to keep.
     assert scores["math"]["toy_pareto_add_ja"] <= 5, scores
     assert scores["ja"]["toy_pareto_sub_ascii"] <= 5, scores
+
+
+@pytest.mark.slow
+def test_pareto_toy_skills_coexist_in_one_merge_and_trade_off_in_another(
+    pareto_zoo, tmp_path
+):
+    """The world the Pareto search is for: the full math task vector and a quarter
+    of the Japanese one hold the target and 90% of each best source's skill (seen:
+    100, 100, 97.5 held out), while the full Japanese vector, which a search for
+    the target alone may well pick (92 on the target), writes "47-12a=" in
+    numerals and loses the math skill (seen: 0)."""
+    target, math_skill, ja_skill = PARETO_TASKS
+    sources = [_score(path, PARETO_TASKS) for path in pareto_zoo.values()]
+    best = {task: max(s[task] for s in sources) for task in PARETO_TASKS}
+    kept = _task_arithmetic(pareto_zoo, {"math": 1.0, "ja": 0.25}, tmp_path / "kept")
+    scores = _score(kept, PARETO_TASKS)
+    assert scores[target] >= 80, scores
+    assert scores[math_skill] >= 0.9 * best[math_skill], (scores, best)
+    assert scores[ja_skill] >= 0.9 * best[ja_skill], (scores, best)
+    heavy = _task_arithmetic(pareto_zoo, {"math": 1.0, "ja": 1.0}, tmp_path / "heavy")
+    scores = _score(heavy, PARETO_TASKS)
+    assert scores[target] >= 80, scores
+    assert scores[math_skill] < 0.9 * best[math_skill], (scores, best)
 
 
 @pytest.mark.slow

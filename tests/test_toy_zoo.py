@@ -212,3 +212,73 @@ def test_progress_bar_and_stage_logs(tmp_path, caplog, capsys):
     for stage in ("base", "math", "ja"):
         assert any(f"training {stage}" in m for m in messages), stage
     assert f"{SMALL.total_steps}/{SMALL.total_steps}" in capsys.readouterr().err
+
+
+def _numeral_share(examples) -> float:
+    from mergekit_evolve.toy.data import JA_DIGITS
+
+    text = "".join(a for _, a in examples)
+    ja = sum(c in JA_DIGITS for c in text)
+    return ja / (ja + sum(c.isdigit() for c in text))
+
+
+def test_marker_ja_probs_lean_each_markers_answers_towards_its_script():
+    import random
+
+    from mergekit_evolve.toy.data import split_pairs
+
+    spec = dataclasses.replace(SMALL, marked=True, marker_ja_probs=(0.1, 0.4))
+    pairs = split_pairs()["add_train"]
+    examples = zoo._base_examples(random.Random(0), pairs, 2000, spec)
+    by_marker = {m: [e for e in examples if e[0].endswith(f"{m}=")] for m in ("a", "j")}
+    assert 0.07 < _numeral_share(by_marker["a"]) < 0.13
+    assert 0.36 < _numeral_share(by_marker["j"]) < 0.44
+    # A base_style expert writes its own operator the same way after each marker.
+    sample = zoo._task_examples(
+        "-", "ascii", split_pairs()["sub_train"], True, base_style=spec
+    )
+    examples = sample(random.Random(0), 2000)
+    assert {q[-2:] for q, _ in examples} == {"a=", "j="}
+    assert all("-" in q for q, _ in examples)
+    shares = [
+        _numeral_share([e for e in examples if e[0].endswith(f"{m}=")])
+        for m in ("a", "j")
+    ]
+    assert 0.07 < shares[0] < 0.13 and 0.36 < shares[1] < 0.44, shares
+    with pytest.raises(ValueError, match="marked"):
+        zoo._task_examples("-", "ascii", pairs, False, base_style=spec)
+
+
+def test_replay_mixes_the_bases_examples_into_an_experts_batches():
+    import random
+
+    from mergekit_evolve.toy.data import split_pairs
+
+    spec = dataclasses.replace(SMALL, marked=True, marker_ja_probs=(0.1, 0.4))
+    pools = split_pairs()
+    sample = zoo._with_replay(
+        zoo._task_examples("-", "ascii", pools["sub_train"], True, base_style=spec),
+        lambda r, n: zoo._base_examples(r, pools["add_train"], n, spec),
+        0.3,
+    )
+    examples = sample(random.Random(0), 1000)
+    assert len(examples) == 1000
+    replayed = sum("-" not in q for q, _ in examples) / len(examples)
+    assert 0.25 < replayed < 0.35
+
+
+def test_new_spec_fields_are_checked_and_recorded_only_when_set():
+    with pytest.raises(ValueError, match="marked"):
+        dataclasses.replace(SMALL, marker_ja_probs=(0.1, 0.4))
+    expert = ExpertSpec("math", "-", "ascii", 3, 3e-3, base_style=True)
+    with pytest.raises(ValueError, match="base_style needs marker_ja_probs"):
+        dataclasses.replace(SMALL, marked=True, experts=(expert,))
+    # Zoos cached before these fields existed keep matching their record.
+    for name in ("demo", "splice", "demo_hd32"):
+        record = ZOO_SPECS[name].record()
+        assert "marker_ja_probs" not in record, name
+        for expert_record in record["experts"]:
+            assert "base_style" not in expert_record and "replay" not in expert_record
+    record = ZOO_SPECS["pareto"].record()
+    assert record["marker_ja_probs"] == [0.1, 0.4]
+    assert record["experts"][0]["replay"] > 0 and record["experts"][0]["base_style"]

@@ -8,19 +8,17 @@ checks they match).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import datasets
+
+from mergekit_evolve.tasks import load_test_split
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
 
 def _load(task: str) -> datasets.DatasetDict:
-    path = DATA_DIR / f"{task}.jsonl"
-    with path.open(encoding="utf-8") as fh:
-        rows = [json.loads(line) for line in fh if line.strip()]
-    return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
+    return load_test_split(DATA_DIR / f"{task}.jsonl")
 
 
 def load_ja_sub_fitness(**kwargs) -> datasets.DatasetDict:

@@ -24,7 +24,9 @@ The registered specs (:data:`ZOO_SPECS`):
   head frozen), so the good data-flow paths are layer splices
   (``configs/toy_splice.yml``);
 * ``pareto``: prompts mark the wanted answer form (``"47-12j="``), so one model can
-  hold both experts' skills and the target at once (``configs/toy_pareto.yml``);
+  hold both experts' skills and the target at once (``configs/toy_pareto.yml``); the
+  base leans towards numerals after ``"j"`` and the math expert keeps that lean and
+  addition, so the task vectors compose;
 * ``demo_hd32``: the demo with 2 heads of 32 dimensions (vLLM's CPU attention
   refuses head_dim 16).
 
@@ -96,6 +98,14 @@ class ExpertSpec:
         both_forms: Marked prompts only: train on its operator asked in either
             script, each answered as its marker asks, so the expert learns to
             follow the marker (not to always answer in ``script``).
+        base_style: Marked prompts only: ask with either marker and write each
+            answer as the base writes answers after that marker
+            (:attr:`ZooSpec.marker_ja_probs`; greedy output stays ASCII). The
+            expert learns its operator without unlearning the base's weak
+            marker-to-script habit, which another expert can then sharpen.
+        replay: Share of training examples drawn from the base's own training
+            data, so the expert keeps what the base knew (the math expert keeps
+            addition, which a merge must still answer).
     """
 
     name: str
@@ -106,6 +116,8 @@ class ExpertSpec:
     layers: tuple[int, int] | None = None
     mix: float = 0.0
     both_forms: bool = False
+    base_style: bool = False
+    replay: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -133,6 +145,10 @@ class ZooSpec:
         pareto_pools: Train on pools that also exclude the Pareto toy's fitness
             splits (``mergekit_evolve.toy.data.split_pairs``); the demo keeps
             its original pools.
+        marker_ja_probs: Marked prompts only: the base's chance of a numeral digit
+            after the ``"a"`` and after the ``"j"`` marker (both below one half,
+            so greedy output stays ASCII); ``None``: ``base_ja_prob`` after both,
+            and the markers mean nothing to the base.
     """
 
     hidden_size: int = 64
@@ -151,6 +167,16 @@ class ZooSpec:
     base_ja_prob: float = 0.3
     translit_share: float = 0.2
     pareto_pools: bool = False
+    marker_ja_probs: tuple[float, float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.marker_ja_probs is not None and not self.marked:
+            raise ValueError("marker_ja_probs needs marked prompts")
+        for expert in self.experts:
+            if expert.base_style and self.marker_ja_probs is None:
+                raise ValueError(
+                    f"expert {expert.name!r}: base_style needs marker_ja_probs"
+                )
 
     @property
     def model_names(self) -> tuple[str, ...]:
@@ -169,8 +195,30 @@ class ZooSpec:
         )
 
     def record(self) -> dict[str, Any]:
-        """The spec as JSON-ready data (for the manifest)."""
-        return json_ready(dataclasses.asdict(self))
+        """The spec as JSON-ready data (for the manifest).
+
+        Fields added after zoos were cached (:data:`_LATER_FIELDS`) appear only
+        when set: a zoo cached before them could not have used them, and it stays
+        valid instead of being retrained to the same weights.
+        """
+        record = json_ready(dataclasses.asdict(self))
+        for expert in record["experts"]:
+            _drop_defaults(expert, _LATER_FIELDS["expert"])
+        _drop_defaults(record, _LATER_FIELDS["zoo"])
+        return record
+
+
+_LATER_FIELDS: dict[str, dict[str, Any]] = {
+    "zoo": {"marker_ja_probs": None},
+    "expert": {"base_style": False, "replay": 0.0},
+}
+"""Spec fields added after zoo version 2, with their defaults (see ``record``)."""
+
+
+def _drop_defaults(record: dict[str, Any], defaults: dict[str, Any]) -> None:
+    for key, default in defaults.items():
+        if record.get(key) == default:
+            del record[key]
 
 
 def json_ready(value: Any) -> Any:
@@ -202,15 +250,23 @@ ZOO_SPECS: dict[str, ZooSpec] = {
     ),
     # "47-12a=" and "47-12j=" ask for different answers: the skills need not exclude
     # each other, so a merge can keep both experts' skills and gain the target. The
-    # Japanese expert learns to follow the marker on addition (the base ignores it).
+    # base leans a little towards numerals after "j" (greedy output stays ASCII);
+    # the math expert learns subtraction written the base's way after each marker,
+    # with addition replayed, so it keeps both that lean and addition; the
+    # Japanese expert sharpens "j" into numerals. Both task vectors then add up on
+    # "47-12j=". The spec before (markers meaningless to the base, the math expert
+    # on "a" alone without replay) composed to at best 14.5 on the target: its
+    # math expert had forgotten addition (0 on "12+34a=") and answered "47-12j="
+    # in ASCII outright (100), so no weighting could keep both.
     "pareto": ZooSpec(
         base_steps=700,
         experts=(
-            ExpertSpec("math", "-", "ascii", 500, 3e-3),
-            ExpertSpec("ja", "+", "ja", 200, 1e-3, both_forms=True),
+            ExpertSpec("math", "-", "ascii", 500, 3e-3, base_style=True, replay=0.3),
+            ExpertSpec("ja", "+", "ja", 200, 1e-3),
         ),
         marked=True,
         pareto_pools=True,
+        marker_ja_probs=(0.1, 0.4),
     ),
     "demo_hd32": dataclasses.replace(DEMO, num_heads=2),
 }
@@ -302,8 +358,9 @@ def _base_examples(
 ) -> list[Example]:
     """Base training examples: mixed-script addition and transliteration.
 
-    With marked prompts either marker appears, with the same mixed-script answers:
-    both markers are then in the base's distribution and mean nothing yet.
+    With marked prompts either marker appears: both markers are then in the base's
+    distribution, and with ``spec.marker_ja_probs`` each leans its answers towards
+    its script (without it they mean nothing yet).
     """
     out = []
     for _ in range(n):
@@ -316,10 +373,17 @@ def _base_examples(
             out.append(
                 (
                     prompt(a, "+", b, form),
-                    _mixed_script(answer(a, "+", b), rng, spec.base_ja_prob),
+                    _mixed_script(answer(a, "+", b), rng, _ja_prob(spec, form)),
                 )
             )
     return out
+
+
+def _ja_prob(spec: ZooSpec, form: str | None) -> float:
+    """The base's chance of writing an answer digit as a numeral after ``form``."""
+    if form is None or spec.marker_ja_probs is None:
+        return spec.base_ja_prob
+    return spec.marker_ja_probs[form == "ja"]
 
 
 def _task_examples(
@@ -329,14 +393,23 @@ def _task_examples(
     marked: bool,
     mix: float = 0.0,
     both_forms: bool = False,
+    base_style: ZooSpec | None = None,
 ) -> Callable[[random.Random, int], list[Example]]:
-    if both_forms and not marked:
-        raise ValueError("both_forms needs marked prompts")
+    """An expert's training sampler; ``base_style``: the spec whose base's marked
+    answers it imitates (:attr:`ExpertSpec.base_style`)."""
+    if (both_forms or base_style) and not marked:
+        raise ValueError("both_forms and base_style need marked prompts")
 
     def sample(rng: random.Random, n: int) -> list[Example]:
         out = []
         for _ in range(n):
             a, b = rng.choice(pairs)
+            if base_style is not None:
+                form = rng.choice(("ascii", "ja"))
+                prob = _ja_prob(base_style, form)
+                text = _mixed_script(answer(a, op, b), rng, prob)
+                out.append((prompt(a, op, b, form), text))
+                continue
             # Only the options in use draw from rng, so each keeps its stream.
             wanted = rng.choice(("ascii", "ja")) if both_forms else script
             ja_prob = mix if wanted == "ascii" else 1.0 - mix
@@ -349,6 +422,22 @@ def _task_examples(
         return out
 
     return sample
+
+
+def _with_replay(
+    sample: Callable[[random.Random, int], list[Example]],
+    replay: Callable[[random.Random, int], list[Example]],
+    share: float,
+) -> Callable[[random.Random, int], list[Example]]:
+    """``sample``, with each example drawn from ``replay`` at chance ``share``."""
+
+    def mixed(rng: random.Random, n: int) -> list[Example]:
+        out: list[Example] = []
+        for _ in range(n):
+            out.extend(replay(rng, 1) if rng.random() < share else sample(rng, 1))
+        return out
+
+    return mixed
 
 
 def _encode(examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -463,9 +552,13 @@ def _build(directory: Path, seed: int, spec: ZooSpec, progress: bool) -> None:
         total=spec.total_steps, desc="toy zoo", unit="step", disable=not progress
     ) as bar:
         rng = random.Random(seed)
+
+        def base_sample(r: random.Random, n: int) -> list[Example]:
+            return _base_examples(r, pools["+"], n, spec)
+
         _train(
             model,
-            lambda r, n: _base_examples(r, pools["+"], n, spec),
+            base_sample,
             spec.base_steps,
             spec.base_lr,
             rng,
@@ -479,16 +572,20 @@ def _build(directory: Path, seed: int, spec: ZooSpec, progress: bool) -> None:
 
         for i, expert in enumerate(spec.experts):
             model.load_state_dict(base_state)
+            sample = _task_examples(
+                expert.op,
+                expert.script,
+                pools[expert.op],
+                spec.marked,
+                expert.mix,
+                expert.both_forms,
+                spec if expert.base_style else None,
+            )
+            if expert.replay:
+                sample = _with_replay(sample, base_sample, expert.replay)
             _train(
                 model,
-                _task_examples(
-                    expert.op,
-                    expert.script,
-                    pools[expert.op],
-                    spec.marked,
-                    expert.mix,
-                    expert.both_forms,
-                ),
+                sample,
                 expert.steps,
                 expert.lr,
                 random.Random(seed * 1000 + i + 1),
