@@ -29,18 +29,7 @@ from . import (
     interrupts,  # noqa: E402
 )
 from .errors import ConfigError, MergekitEvolveError, ResumeError  # noqa: E402
-
-LIBRARY_LOGGERS = (
-    "lm_eval",
-    "lm-eval",
-    "mergekit",
-    "transformers",
-    "datasets",
-    "accelerate",
-    "ray",
-    "urllib3",
-    "filelock",
-)
+from .log_levels import set_library_levels  # noqa: E402
 
 EXAMPLES = """\b
 Examples:
@@ -69,8 +58,7 @@ def configure_logging(verbosity: int) -> None:
         handler.setLevel(ours)
     logging.getLogger("mergekit_evolve").setLevel(ours)
     libraries = logging.INFO if verbosity >= 2 else logging.ERROR
-    for name in LIBRARY_LOGGERS:
-        logging.getLogger(name).setLevel(libraries)
+    set_library_levels(libraries)
     # transformers reads its verbosity from here when it is imported (importing it
     # now to set it would cost seconds on every command).
     os.environ["TRANSFORMERS_VERBOSITY"] = "info" if verbosity >= 2 else "error"

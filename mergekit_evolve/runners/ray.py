@@ -25,6 +25,7 @@ from typing import Any
 
 from ..config import RunConfig
 from ..errors import ConfigError, MergekitEvolveError
+from ..log_levels import set_library_levels
 from ..sources import SourceSet
 from ..state import Candidate, Result
 
@@ -38,16 +39,6 @@ LOCAL_OBJECT_STORE_BYTES = 128 * 2**20
 # where hub models live). A local Ray inherits them anyway; a cluster does not.
 FORWARDED_ENV_PREFIXES = ("HF_", "TRANSFORMERS_", "MERGEKIT_EVOLVE_")
 FORWARDED_ENV = ("TQDM_DISABLE", "TOKENIZERS_PARALLELISM")
-LIBRARY_LOGGERS = (
-    "lm_eval",
-    "lm-eval",
-    "mergekit",
-    "transformers",
-    "datasets",
-    "accelerate",
-    "urllib3",
-    "filelock",
-)
 
 
 def _import_ray():
@@ -111,10 +102,9 @@ class WorkerActor:
             level=log_level, format="%(levelname)s %(name)s: %(message)s"
         )
         logging.getLogger("mergekit_evolve").setLevel(log_level)
-        for library in LIBRARY_LOGGERS:
-            logging.getLogger(library).setLevel(
-                logging.INFO if log_level <= logging.DEBUG else logging.ERROR
-            )
+        set_library_levels(
+            logging.INFO if log_level <= logging.DEBUG else logging.ERROR
+        )
         self.config = config
         self.sources = sources
         self.name = f"{name}@{socket.gethostname()}"
