@@ -7,14 +7,17 @@
 The generation toy's two trained models (``fwd``, ``bwd``: 356k parameters, head_dim
 32; see ``mergekit_evolve.engines.gen_toy``) are widened to a larger shape that
 computes the same function (every matrix has the large shape and is dense: the
-padding gets small seeded noise), so greedy answers are peaked, as a trained model's
-are, and the backends can be compared token for token. Candidates are linear merges
+padding gets small seeded noise; heads are widened to head_dim 64, the size of most
+small real models', with rotary frequencies that keep the function), so greedy
+answers are peaked, as a trained model's are, and the backends can be compared token
+for token. Candidates are linear merges
 ``w * fwd + (1 - w) * bwd``. Each candidate is scored on ``toy_gen_long`` (prompts of
 4-27 tokens, so batched HF generation pads as with real prompts; greedy, 64 new tokens
 per prompt, exact match) by
 
 * lm-eval's ``HFLM`` over the in-memory model (Hugging Face ``generate`` in fixed
-  batches): what the evaluator does today;
+  batches of ``--hf-batch-size``, by default the evaluator's own default, 32): what
+  the ``hf`` backend does;
 * :class:`~mergekit_evolve.engines.vllm_engine.VllmBackend`: one vLLM engine,
   started once; each candidate's weights swapped in place, then the same lm-eval task.
 
@@ -27,9 +30,9 @@ both alike; the first candidate warms both up and is reported apart
 ``agree`` (fraction of greedy answers identical between the backends),
 ``engine_starts`` and the machine's load.
 
-``--mistral7b`` widens to a 7B size (hidden 4096, 32 layers, MLP 14336, head_dim 32,
-bfloat16; about 7.3B parameters, 15 GB) for a GPU with room for the HF model and the
-engine side by side.
+``--mistral7b`` widens to a 7B size (hidden 4096, 32 layers, MLP 14336, head_dim
+128, bfloat16; about 7.3B parameters, 15 GB) for a GPU with room for the HF model
+and the engine side by side.
 """
 
 from __future__ import annotations
@@ -55,10 +58,10 @@ from typing import Any  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 TASK = "toy_gen_long"
-# (hidden, layers, intermediate, noise) of the widened models.
+# (hidden, layers, intermediate, head_dim, noise) of the widened models.
 SHAPES = {
-    "cpu": (512, 8, 1536, 2e-3),  # ~27M parameters, head_dim 32
-    "mistral7b": (4096, 32, 14336, 0.0),  # ~7.3B parameters, head_dim 32
+    "cpu": (512, 8, 1536, 64, 2e-3),  # ~27M parameters
+    "mistral7b": (4096, 32, 14336, 128, 0.0),  # ~7.3B parameters
 }
 
 
@@ -85,6 +88,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--hf-batch-size", type=int, default=32, help="HFLM generation batch"
     )
     parser.add_argument(
+        "--head-dim",
+        type=int,
+        default=None,
+        help="head size of the widened model (default: 64 on CPU, 128 for 7B)",
+    )
+    parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (CPU; both backends)"
     )
     parser.add_argument("--cuda", action="store_true", help="run on the GPU")
@@ -105,15 +114,23 @@ def widened_models(
     from mergekit_evolve.engines.gen_toy import build_gen_toy, save_model, widen_llama
 
     toy = build_gen_toy(args.toy, seed=0)
-    hidden, layers, intermediate, noise = SHAPES[
+    hidden, layers, intermediate, head_dim, noise = SHAPES[
         "mistral7b" if args.mistral7b else "cpu"
     ]
+    head_dim = args.head_dim or head_dim
     states, config = {}, None
     for name in ("fwd", "bwd"):
         small = AutoModelForCausalLM.from_pretrained(toy[name])
         # The same noise seed for both: widening then commutes with merging.
         states[name], config = widen_llama(
-            small.state_dict(), small.config, hidden, layers, intermediate, noise, 0
+            small.state_dict(),
+            small.config,
+            hidden,
+            layers,
+            intermediate,
+            noise,
+            seed=0,
+            head_dim=head_dim,
         )
     dtype = torch.bfloat16 if args.mistral7b else torch.float32
     config.dtype = dtype
