@@ -28,7 +28,9 @@ both alike; the first candidate warms both up and is reported apart
 ``engine_start_s``;
 ``vllm_s`` includes the swap, also reported alone as ``swap_s``), ``vllm_speedup``,
 ``agree`` (fraction of greedy answers identical between the backends),
-``engine_starts`` and the machine's load.
+``engine_starts`` and the machine's load (1-minute average at the start and the
+end). ``hf_cpu_s`` and ``vllm_cpu_s`` are the same runs' process CPU seconds: on a
+shared machine they show what the load did to the wall times.
 
 ``--mistral7b`` widens to a 7B size (hidden 4096, 32 layers, MLP 14336, head_dim
 128, bfloat16; about 7.3B parameters, 15 GB) for a GPU with room for the HF model
@@ -96,6 +98,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (CPU; both backends)"
     )
+    parser.add_argument(
+        "--vllm-compile",
+        action="store_true",
+        help="let vLLM compile the model (torch.compile; CUDA graphs on a GPU) at "
+        "engine start instead of running eagerly",
+    )
     parser.add_argument("--cuda", action="store_true", help="run on the GPU")
     parser.add_argument(
         "--mistral7b", action="store_true", help="a 7B-sized model (needs --cuda)"
@@ -142,12 +150,25 @@ def widened_models(
     return states, config, engine_dir, model, tokenizer
 
 
-def score(lm: Any, task_dict: dict, limit: int) -> tuple[float, list[str], float]:
-    """Fitness, the greedy answers in document order, and seconds."""
+def clocks() -> tuple[float, float]:
+    """Wall and process CPU seconds (all threads): on a shared machine the CPU time
+    shows what the load did to the wall time."""
+    return time.perf_counter(), time.process_time()
+
+
+def since(start: tuple[float, float]) -> tuple[float, float]:
+    now = clocks()
+    return now[0] - start[0], now[1] - start[1]
+
+
+def score(
+    lm: Any, task_dict: dict, limit: int
+) -> tuple[float, list[str], tuple[float, float]]:
+    """Fitness, the greedy answers in document order, and (wall, CPU) seconds."""
     import torch
     from lm_eval.evaluator import evaluate
 
-    start = time.perf_counter()
+    start = clocks()
     with torch.no_grad():
         out = evaluate(
             lm=lm,
@@ -157,7 +178,7 @@ def score(lm: Any, task_dict: dict, limit: int) -> tuple[float, list[str], float
             log_samples=True,
             verbosity="ERROR",
         )
-    seconds = time.perf_counter() - start
+    seconds = since(start)
     samples = sorted(out["samples"][TASK], key=lambda s: s["doc_id"])
     answers = [s["filtered_resps"][0] for s in samples]
     return float(out["results"][TASK]["exact_match,none"]), answers, seconds
@@ -181,6 +202,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from mergekit_evolve.tasks import task_manager_for
 
     weights = [float(w) for w in args.weights.split(",")]
+    load_start = os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="gen-bench-"))
     try:
         states, config, engine_dir, model, tokenizer = widened_models(args, work)
@@ -200,7 +222,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         import vllm  # noqa: F401  (import time reported on its own)
 
         import_s = time.perf_counter() - start
-        settings = VllmSettings(max_model_len=128)
+        # enforce_eager None: the platform's default (eager on CPU, graphs on GPU).
+        settings = VllmSettings(
+            max_model_len=128, enforce_eager=False if args.vllm_compile else None
+        )
         start = time.perf_counter()
         backend = VllmBackend(settings, engine_dir, tokenizer)
         engine_start_s = time.perf_counter() - start
@@ -210,17 +235,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for w in weights:
             with torch.no_grad():
                 model.load_state_dict(interpolate(states["fwd"], states["bwd"], w))
-            hf_fit, hf_answers, hf_s = score(hf, task_dict, args.prompts)
-            start = time.perf_counter()
+            hf_fit, hf_answers, (hf_s, hf_cpu_s) = score(hf, task_dict, args.prompts)
+            start = clocks()
             lm = backend.lm_for(model)
-            swap_s = time.perf_counter() - start
-            v_fit, v_answers, v_eval_s = score(lm, task_dict, args.prompts)
+            swap_s, swap_cpu_s = since(start)
+            v_fit, v_answers, (v_eval_s, v_cpu_s) = score(lm, task_dict, args.prompts)
             same = sum(a == b for a, b in zip(hf_answers, v_answers, strict=True))
             rows.append(
                 {
                     "w": w,
                     "hf_s": hf_s,
                     "vllm_s": swap_s + v_eval_s,
+                    "hf_cpu_s": hf_cpu_s,
+                    "vllm_cpu_s": swap_cpu_s + v_cpu_s,
                     "swap_s": swap_s,
                     "swap": backend.engine.last_swap,
                     "fitness_hf": hf_fit,
@@ -250,6 +277,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "hf_s": round(hf_s, 2),
         "vllm_s": round(vllm_s, 2),
         "vllm_speedup": round(hf_s / vllm_s, 2),
+        "hf_cpu_s": round(statistics.fmean(r["hf_cpu_s"] for r in timed), 2),
+        "vllm_cpu_s": round(statistics.fmean(r["vllm_cpu_s"] for r in timed), 2),
         "agree": round(
             sum(r["agree"] * r["answers"] for r in rows)
             / sum(r["answers"] for r in rows),
@@ -270,8 +299,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "fitness_hf": [r["fitness_hf"] for r in rows],
         "fitness_vllm": [r["fitness_vllm"] for r in rows],
         "hf_batch_size": args.hf_batch_size,
+        "vllm_enforce_eager": not (args.vllm_compile or args.cuda),
         "device": device,
         "threads": args.threads,
+        "load_avg_1m_start": round(load_start, 2),
         "load_avg_1m": round(os.getloadavg()[0], 2),
     }
     print(json.dumps(result), flush=True)
