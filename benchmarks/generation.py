@@ -7,16 +7,21 @@
 The generation toy's two trained models (``fwd``, ``bwd``: 356k parameters, head_dim
 32; see ``mergekit_evolve.engines.gen_toy``) are widened to a larger shape that
 computes the same function (every matrix has the large shape and is dense: the
-padding gets small seeded noise), so greedy answers are peaked, as a trained model's
-are, and the backends can be compared token for token. Candidates are linear merges
+padding gets small seeded noise; heads are widened to head_dim 64, the size of most
+small real models', with rotary frequencies that keep the function), so greedy
+answers are peaked, as a trained model's are, and the backends can be compared token
+for token. Candidates are linear merges
 ``w * fwd + (1 - w) * bwd``. Each candidate is scored on ``toy_gen_long`` (prompts of
 4-27 tokens, so batched HF generation pads as with real prompts; greedy, 64 new tokens
 per prompt, exact match) by
 
 * lm-eval's ``HFLM`` over the in-memory model (Hugging Face ``generate`` in fixed
-  batches): what the evaluator does today;
-* :class:`~mergekit_evolve.engines.vllm_engine.VllmBackend`: one vLLM engine,
-  started once; each candidate's weights swapped in place, then the same lm-eval task.
+  batches of ``--hf-batch-size``, by default the evaluator's own default, 32): what
+  the ``hf`` backend does;
+* :class:`~mergekit_evolve.engines.vllm_engine.VllmBackend`: one vLLM engine with
+  the product's default settings (eager on CPU; ``--vllm-compile`` compiles it),
+  started once; each candidate's weights swapped in place, then the same lm-eval
+  task.
 
 Candidates alternate between the backends, so a change in the machine's load hits
 both alike; the first candidate warms both up and is reported apart
@@ -25,11 +30,13 @@ both alike; the first candidate warms both up and is reported apart
 ``engine_start_s``;
 ``vllm_s`` includes the swap, also reported alone as ``swap_s``), ``vllm_speedup``,
 ``agree`` (fraction of greedy answers identical between the backends),
-``engine_starts`` and the machine's load.
+``engine_starts`` and the machine's load (1-minute average at the start and the
+end). ``hf_cpu_s`` and ``vllm_cpu_s`` are the same runs' process CPU seconds: on a
+shared machine they show what the load did to the wall times.
 
-``--mistral7b`` widens to a 7B size (hidden 4096, 32 layers, MLP 14336, head_dim 32,
-bfloat16; about 7.3B parameters, 15 GB) for a GPU with room for the HF model and the
-engine side by side.
+``--mistral7b`` widens to a 7B size (hidden 4096, 32 layers, MLP 14336, head_dim
+128, bfloat16; about 7.3B parameters, 15 GB) for a GPU with room for the HF model
+and the engine side by side.
 """
 
 from __future__ import annotations
@@ -55,10 +62,10 @@ from typing import Any  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 TASK = "toy_gen_long"
-# (hidden, layers, intermediate, noise) of the widened models.
+# (hidden, layers, intermediate, head_dim, noise) of the widened models.
 SHAPES = {
-    "cpu": (512, 8, 1536, 2e-3),  # ~27M parameters, head_dim 32
-    "mistral7b": (4096, 32, 14336, 0.0),  # ~7.3B parameters, head_dim 32
+    "cpu": (512, 8, 1536, 64, 2e-3),  # ~27M parameters
+    "mistral7b": (4096, 32, 14336, 128, 0.0),  # ~7.3B parameters
 }
 
 
@@ -85,7 +92,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--hf-batch-size", type=int, default=32, help="HFLM generation batch"
     )
     parser.add_argument(
+        "--head-dim",
+        type=int,
+        default=None,
+        help="head size of the widened model (default: 64 on CPU, 128 for 7B)",
+    )
+    parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (CPU; both backends)"
+    )
+    parser.add_argument(
+        "--vllm-compile",
+        action="store_true",
+        help="compile the model at engine start (torch.compile) instead of "
+        "VllmSettings' CPU default, eager (GPUs use CUDA graphs either way)",
     )
     parser.add_argument("--cuda", action="store_true", help="run on the GPU")
     parser.add_argument(
@@ -105,15 +124,23 @@ def widened_models(
     from mergekit_evolve.engines.gen_toy import build_gen_toy, save_model, widen_llama
 
     toy = build_gen_toy(args.toy, seed=0)
-    hidden, layers, intermediate, noise = SHAPES[
+    hidden, layers, intermediate, head_dim, noise = SHAPES[
         "mistral7b" if args.mistral7b else "cpu"
     ]
+    head_dim = args.head_dim or head_dim
     states, config = {}, None
     for name in ("fwd", "bwd"):
         small = AutoModelForCausalLM.from_pretrained(toy[name])
         # The same noise seed for both: widening then commutes with merging.
         states[name], config = widen_llama(
-            small.state_dict(), small.config, hidden, layers, intermediate, noise, 0
+            small.state_dict(),
+            small.config,
+            hidden,
+            layers,
+            intermediate,
+            noise,
+            seed=0,
+            head_dim=head_dim,
         )
     dtype = torch.bfloat16 if args.mistral7b else torch.float32
     config.dtype = dtype
@@ -125,12 +152,25 @@ def widened_models(
     return states, config, engine_dir, model, tokenizer
 
 
-def score(lm: Any, task_dict: dict, limit: int) -> tuple[float, list[str], float]:
-    """Fitness, the greedy answers in document order, and seconds."""
+def clocks() -> tuple[float, float]:
+    """Wall and process CPU seconds (all threads): on a shared machine the CPU time
+    shows what the load did to the wall time."""
+    return time.perf_counter(), time.process_time()
+
+
+def since(start: tuple[float, float]) -> tuple[float, float]:
+    now = clocks()
+    return now[0] - start[0], now[1] - start[1]
+
+
+def score(
+    lm: Any, task_dict: dict, limit: int
+) -> tuple[float, list[str], tuple[float, float]]:
+    """Fitness, the greedy answers in document order, and (wall, CPU) seconds."""
     import torch
     from lm_eval.evaluator import evaluate
 
-    start = time.perf_counter()
+    start = clocks()
     with torch.no_grad():
         out = evaluate(
             lm=lm,
@@ -140,7 +180,7 @@ def score(lm: Any, task_dict: dict, limit: int) -> tuple[float, list[str], float
             log_samples=True,
             verbosity="ERROR",
         )
-    seconds = time.perf_counter() - start
+    seconds = since(start)
     samples = sorted(out["samples"][TASK], key=lambda s: s["doc_id"])
     answers = [s["filtered_resps"][0] for s in samples]
     return float(out["results"][TASK]["exact_match,none"]), answers, seconds
@@ -164,6 +204,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from mergekit_evolve.tasks import task_manager_for
 
     weights = [float(w) for w in args.weights.split(",")]
+    load_start = os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="gen-bench-"))
     try:
         states, config, engine_dir, model, tokenizer = widened_models(args, work)
@@ -183,7 +224,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         import vllm  # noqa: F401  (import time reported on its own)
 
         import_s = time.perf_counter() - start
-        settings = VllmSettings(max_model_len=128)
+        # enforce_eager None: the platform's default (eager on CPU, graphs on GPU).
+        settings = VllmSettings(
+            max_model_len=128, enforce_eager=False if args.vllm_compile else None
+        )
         start = time.perf_counter()
         backend = VllmBackend(settings, engine_dir, tokenizer)
         engine_start_s = time.perf_counter() - start
@@ -193,17 +237,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for w in weights:
             with torch.no_grad():
                 model.load_state_dict(interpolate(states["fwd"], states["bwd"], w))
-            hf_fit, hf_answers, hf_s = score(hf, task_dict, args.prompts)
-            start = time.perf_counter()
+            hf_fit, hf_answers, (hf_s, hf_cpu_s) = score(hf, task_dict, args.prompts)
+            start = clocks()
             lm = backend.lm_for(model)
-            swap_s = time.perf_counter() - start
-            v_fit, v_answers, v_eval_s = score(lm, task_dict, args.prompts)
+            swap_s, swap_cpu_s = since(start)
+            v_fit, v_answers, (v_eval_s, v_cpu_s) = score(lm, task_dict, args.prompts)
             same = sum(a == b for a, b in zip(hf_answers, v_answers, strict=True))
             rows.append(
                 {
                     "w": w,
                     "hf_s": hf_s,
                     "vllm_s": swap_s + v_eval_s,
+                    "hf_cpu_s": hf_cpu_s,
+                    "vllm_cpu_s": swap_cpu_s + v_cpu_s,
                     "swap_s": swap_s,
                     "swap": backend.engine.last_swap,
                     "fitness_hf": hf_fit,
@@ -233,6 +279,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "hf_s": round(hf_s, 2),
         "vllm_s": round(vllm_s, 2),
         "vllm_speedup": round(hf_s / vllm_s, 2),
+        "hf_cpu_s": round(statistics.fmean(r["hf_cpu_s"] for r in timed), 2),
+        "vllm_cpu_s": round(statistics.fmean(r["vllm_cpu_s"] for r in timed), 2),
         "agree": round(
             sum(r["agree"] * r["answers"] for r in rows)
             / sum(r["answers"] for r in rows),
@@ -253,8 +301,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "fitness_hf": [r["fitness_hf"] for r in rows],
         "fitness_vllm": [r["fitness_vllm"] for r in rows],
         "hf_batch_size": args.hf_batch_size,
+        "vllm_enforce_eager": not (args.vllm_compile or args.cuda),
         "device": device,
         "threads": args.threads,
+        "load_avg_1m_start": round(load_start, 2),
         "load_avg_1m": round(os.getloadavg()[0], 2),
     }
     print(json.dumps(result), flush=True)

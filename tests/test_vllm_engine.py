@@ -43,7 +43,8 @@ def test_committed_task_data_matches_generator():
     assert {len(r["long_question"]) for r in rows[:128]} == set(range(4, 28))
 
 
-def test_widen_llama_computes_the_same_function(one_torch_thread):
+@pytest.mark.parametrize("head_dim", [None, 64])
+def test_widen_llama_computes_the_same_function(one_torch_thread, head_dim):
     import torch
     from transformers import LlamaForCausalLM
 
@@ -51,20 +52,36 @@ def test_widen_llama_computes_the_same_function(one_torch_thread):
 
     torch.manual_seed(0)
     small = LlamaForCausalLM(gen_toy_config(64, 2, 2, 96)).eval()  # head_dim 32
-    state, config = widen_llama(small.state_dict(), small.config, 128, 3, 160)
+    state, config = widen_llama(
+        small.state_dict(), small.config, 128, 3, 160, head_dim=head_dim
+    )
     big = LlamaForCausalLM(config).eval()
     big.load_state_dict(state)
-    assert config.head_dim == 32 and config.num_attention_heads == 4
-    ids = torch.randint(3, config.vocab_size, (2, 12))
+    assert config.head_dim == (head_dim or 32)
+    assert config.num_attention_heads == 128 // config.head_dim
+    # Positions up to the toy's longest sequence, where a wrong rotary frequency
+    # would show.
+    ids = torch.randint(3, config.vocab_size, (2, 100))
     with torch.no_grad():
         expected, got = small(ids).logits, big(ids).logits
     assert torch.allclose(expected, got, atol=1e-4), (expected - got).abs().max()
     # With noise the padding is dense, and the function stays close.
-    noisy, _ = widen_llama(small.state_dict(), small.config, 128, 3, 160, noise=1e-3)
+    noisy, _ = widen_llama(
+        small.state_dict(), small.config, 128, 3, 160, noise=1e-3, head_dim=head_dim
+    )
     big.load_state_dict(noisy)
     assert (noisy["model.layers.2.mlp.down_proj.weight"] != 0).all()
+    assert (noisy["model.layers.0.self_attn.q_proj.weight"] != 0).all()
     with torch.no_grad():
         assert (big(ids).logits.argmax(-1) == expected.argmax(-1)).float().mean() > 0.9
+
+
+def test_widen_llama_refuses_a_smaller_head():
+    from mergekit_evolve.engines.gen_toy import gen_toy_config, widen_llama
+
+    small = gen_toy_config(64, 2, 2, 96)  # head_dim 32
+    with pytest.raises(ValueError, match="head_dim 16"):
+        widen_llama({}, small, 128, 3, 160, head_dim=16)
 
 
 def test_config_signature_ignores_metadata_but_not_shape():

@@ -280,17 +280,25 @@ def widen_llama(
     intermediate_size: int,
     noise: float = 0.0,
     seed: int = 0,
+    head_dim: int | None = None,
 ) -> tuple[dict[str, torch.Tensor], Any]:
     """A larger Llama that computes the same function as ``state``.
 
     The small model's weights occupy the leading rows/columns of each matrix and the
     rest is zero (or ``noise``-sized), so every matrix multiply has the large shape and
-    costs what a dense model of that size costs. Head_dim is kept; extra heads have
-    zero (or tiny) queries, keys and values. Added layers have zero ``o_proj`` and
-    ``down_proj`` and so pass the residual stream through. RMSNorm divides by the
-    root mean square over all ``H`` dimensions, which the zero padding shrinks by
-    ``sqrt(h/H)``; scaling every norm weight by ``sqrt(h/H)`` and ``eps`` by ``h/H``
-    undoes it exactly.
+    costs what a dense model of that size costs. Extra heads have zero (or tiny)
+    queries, keys and values. Added layers have zero ``o_proj`` and ``down_proj`` and
+    so pass the residual stream through. RMSNorm divides by the root mean square over
+    all ``H`` dimensions, which the zero padding shrinks by ``sqrt(h/H)``; scaling
+    every norm weight by ``sqrt(h/H)`` and ``eps`` by ``h/H`` undoes it exactly.
+
+    A larger ``head_dim`` ``D`` (the small one is ``d``) keeps each small head's
+    function too. Rotary embeddings rotate dimension pairs ``(j, j + d/2)`` by
+    ``theta**(-2j/d)``; in a ``D``-wide head pair ``(j, j + D/2)`` turns by
+    ``theta'**(-2j/D)``, which equals the former for ``j < d/2`` when ``theta' =
+    theta**(D/d)``. So small dimension ``j`` goes to ``j`` and ``j + d/2`` to
+    ``j + D/2``, the rest of the head is padding, and queries are scaled by
+    ``sqrt(D/d)`` so that attention's ``1/sqrt(D)`` scores as ``1/sqrt(d)`` did.
 
     Args:
         state: The small model's state dict (Hugging Face names).
@@ -300,24 +308,56 @@ def widen_llama(
             model is dense; the function then changes slightly.
         seed: Seed of that noise (the same seed gives the same noise, so widening
             commutes with interpolating two models).
+        head_dim: The large model's head size; ``None`` keeps the small one.
 
     Returns:
         The large state dict and its ``LlamaConfig``.
+
+    Raises:
+        ValueError: The large shape cannot hold the small model.
     """
     import torch
 
     h, big = config.hidden_size, hidden_size
-    head_dim = config.hidden_size // config.num_attention_heads
-    if config.num_key_value_heads != config.num_attention_heads:
+    small_heads = config.num_attention_heads
+    small_dim = config.hidden_size // small_heads
+    big_dim = head_dim or small_dim
+    if config.num_key_value_heads != small_heads:
         raise ValueError("widen_llama needs num_key_value_heads == num_attention_heads")
-    if big % head_dim or big < h or num_layers < config.num_hidden_layers:
-        raise ValueError(f"cannot widen hidden {h} to {big} (head_dim {head_dim})")
-    heads = big // head_dim
+    if (
+        big % big_dim
+        or big < h
+        or num_layers < config.num_hidden_layers
+        or big_dim < small_dim
+        or big_dim % 2
+        or big // big_dim < small_heads
+    ):
+        raise ValueError(
+            f"cannot widen hidden {h} (head_dim {small_dim}, {small_heads} heads) "
+            f"to hidden {big} with head_dim {big_dim}"
+        )
+    heads = big // big_dim
     new_config = gen_toy_config(big, num_layers, heads, intermediate_size)
-    new_config.head_dim = head_dim
+    new_config.head_dim = big_dim
+    theta = config.rope_parameters["rope_theta"]
+    new_config.rope_parameters = {
+        **config.rope_parameters,
+        "rope_theta": float(theta ** (big_dim / small_dim)),
+    }
     # The mean square over H dims is (h/H) times the one over h: scale eps alike.
     new_config.rms_norm_eps = config.rms_norm_eps * h / big
     norm_scale = math.sqrt(h / big)
+    q_scale = math.sqrt(big_dim / small_dim)
+    half, big_half = small_dim // 2, big_dim // 2
+    # Row (of q, k, v) or column (of o) of each small head dimension in the large
+    # model: head i, dimension j -> head i, j (first half) or j - d/2 + D/2.
+    head_rows = torch.tensor(
+        [
+            i * big_dim + (j if j < half else j - half + big_half)
+            for i in range(small_heads)
+            for j in range(small_dim)
+        ]
+    )
     gen = torch.Generator().manual_seed(seed)
 
     def pad(tensor: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor:
@@ -329,6 +369,15 @@ def widen_llama(
             out[tuple(slice(0, n) for n in tensor.shape)] = tensor
         return out
 
+    def pad_heads(tensor: torch.Tensor | None, shape: tuple[int, ...], rows: bool):
+        out = pad(None, shape)
+        if tensor is not None:
+            if rows:
+                out[head_rows, :h] = tensor
+            else:
+                out[:h, head_rows] = tensor
+        return out
+
     out = {
         "model.embed_tokens.weight": pad(
             state["model.embed_tokens.weight"], (config.vocab_size, big)
@@ -337,11 +386,13 @@ def widen_llama(
         "model.norm.weight": torch.full((big,), norm_scale),
     }
     out["model.norm.weight"][:h] = state["model.norm.weight"] * norm_scale
-    shapes = {
-        "self_attn.q_proj.weight": (big, big),
-        "self_attn.k_proj.weight": (big, big),
-        "self_attn.v_proj.weight": (big, big),
-        "self_attn.o_proj.weight": (big, big),
+    attention = {
+        "self_attn.q_proj.weight": ((big, big), True, q_scale),
+        "self_attn.k_proj.weight": ((big, big), True, 1.0),
+        "self_attn.v_proj.weight": ((big, big), True, 1.0),
+        "self_attn.o_proj.weight": ((big, big), False, 1.0),
+    }
+    mlp = {
         "mlp.gate_proj.weight": (intermediate_size, big),
         "mlp.up_proj.weight": (intermediate_size, big),
         "mlp.down_proj.weight": (big, intermediate_size),
@@ -349,7 +400,10 @@ def widen_llama(
     for layer in range(num_layers):
         prefix = f"model.layers.{layer}."
         small = layer < config.num_hidden_layers
-        for name, shape in shapes.items():
+        for name, (shape, rows, scale) in attention.items():
+            tensor = state[prefix + name] * scale if small else None
+            out[prefix + name] = pad_heads(tensor, shape, rows)
+        for name, shape in mlp.items():
             tensor = state[prefix + name] if small else None
             out[prefix + name] = pad(tensor, shape)
         for name in ("input_layernorm.weight", "post_attention_layernorm.weight"):
