@@ -11,9 +11,15 @@ padding gets small seeded noise; heads are widened to head_dim 64, the size of m
 small real models', with rotary frequencies that keep the function), so greedy
 answers are peaked, as a trained model's are, and the backends can be compared token
 for token. Candidates are linear merges
-``w * fwd + (1 - w) * bwd``. Each candidate is scored on ``toy_gen_long`` (prompts of
-4-27 tokens, so batched HF generation pads as with real prompts; greedy, 64 new tokens
-per prompt, exact match) by
+``w * fwd + (1 - w) * bwd``. Each candidate is scored on 128 prompts of 4-27 tokens
+(so batched HF generation pads as with real prompts; greedy, exact match) of
+``--task``:
+
+* ``toy_gen_varied`` (default): each answer stops at its first ``z``, 0 to 64
+  letters (23 on average), as a reasoning answer stops where its reasoning ends;
+* ``toy_gen_long``: every answer is 64 letters,
+
+by
 
 * lm-eval's ``HFLM`` over the in-memory model (Hugging Face ``generate`` in fixed
   batches of ``--hf-batch-size``, by default the evaluator's own default, 32): what
@@ -61,7 +67,7 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-TASK = "toy_gen_long"
+TASKS = ("toy_gen_varied", "toy_gen_long")
 # (hidden, layers, intermediate, head_dim, noise) of the widened models.
 SHAPES = {
     "cpu": (512, 8, 1536, 64, 2e-3),  # ~27M parameters
@@ -86,6 +92,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="1.0,0.9,0.8,0.7,0.6",
         help="candidates: merge weights w of w*fwd + (1-w)*bwd (comma-separated); "
         "the first one warms both backends up and is not timed",
+    )
+    parser.add_argument(
+        "--task",
+        choices=TASKS,
+        default=TASKS[0],
+        help="toy_gen_varied: answers stop at their first 'z' (0-64 letters, as "
+        "reasoning answers vary); toy_gen_long: every answer 64 letters",
     )
     parser.add_argument("--prompts", type=int, default=128, help="prompts per task")
     parser.add_argument(
@@ -164,7 +177,7 @@ def since(start: tuple[float, float]) -> tuple[float, float]:
 
 
 def score(
-    lm: Any, task_dict: dict, limit: int
+    lm: Any, task_dict: dict, limit: int, task: str
 ) -> tuple[float, list[str], tuple[float, float]]:
     """Fitness, the greedy answers in document order, and (wall, CPU) seconds."""
     import torch
@@ -181,9 +194,9 @@ def score(
             verbosity="ERROR",
         )
     seconds = since(start)
-    samples = sorted(out["samples"][TASK], key=lambda s: s["doc_id"])
+    samples = sorted(out["samples"][task], key=lambda s: s["doc_id"])
     answers = [s["filtered_resps"][0] for s in samples]
-    return float(out["results"][TASK]["exact_match,none"]), answers, seconds
+    return float(out["results"][task]["exact_match,none"]), answers, seconds
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -213,9 +226,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         log(
             f"model: {params / 1e6:.1f}M parameters, hidden {config.hidden_size}, "
             f"{config.num_hidden_layers} layers, head_dim {config.head_dim}, "
-            f"{args.prompts} prompts x 64 new tokens, candidates w={weights}"
+            f"{args.prompts} prompts x up to 64 new tokens ({args.task}), "
+            f"candidates w={weights}"
         )
-        task_dict = task_manager_for([TASK]).load([TASK])
+        task_dict = task_manager_for([args.task]).load([args.task])
         hf = _quiet(HFLM)(
             pretrained=model, tokenizer=tokenizer, batch_size=args.hf_batch_size
         )
@@ -237,11 +251,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for w in weights:
             with torch.no_grad():
                 model.load_state_dict(interpolate(states["fwd"], states["bwd"], w))
-            hf_fit, hf_answers, (hf_s, hf_cpu_s) = score(hf, task_dict, args.prompts)
+            hf_fit, hf_answers, (hf_s, hf_cpu_s) = score(
+                hf, task_dict, args.prompts, args.task
+            )
             start = clocks()
             lm = backend.lm_for(model)
             swap_s, swap_cpu_s = since(start)
-            v_fit, v_answers, (v_eval_s, v_cpu_s) = score(lm, task_dict, args.prompts)
+            v_fit, v_answers, (v_eval_s, v_cpu_s) = score(
+                lm, task_dict, args.prompts, args.task
+            )
             same = sum(a == b for a, b in zip(hf_answers, v_answers, strict=True))
             rows.append(
                 {
@@ -256,6 +274,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "fitness_vllm": v_fit,
                     "agree": same / len(hf_answers),
                     "answers": len(hf_answers),
+                    # One token per letter (the toy's tokenizer is by character).
+                    "answer_tokens": statistics.fmean(len(a) for a in hf_answers),
                 }
             )
             log(
@@ -294,8 +314,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "first_candidate_vllm_s": round(rows[0]["vllm_s"], 2),
         "candidates": len(rows),
         "timed_candidates": len(timed),
+        "task": args.task,
         "prompts": rows[0]["answers"],
-        "new_tokens": 64,
+        "max_new_tokens": 64,
+        "mean_answer_tokens": round(
+            statistics.fmean(r["answer_tokens"] for r in rows), 1
+        ),
         "params_m": round(params / 1e6, 1),
         "head_dim": config.head_dim,
         "fitness_hf": [r["fitness_hf"] for r in rows],

@@ -35,7 +35,7 @@ def gen_run_config(paths: dict[str, Path], output: Path, backend: str) -> dict:
             "parameters": {"weight": [0.0, 1.0]},
         },
         "optimizer": {"type": "cma", "population": 4, "max_evals": 12, "seed": 0},
-        "fitness": {"tasks": [gen], "stages": [{"subsample": 40}, {}]},
+        "fitness": {"tasks": [gen], "limit": 100, "stages": [{"subsample": 40}, {}]},
         "heldout": {"tasks": [gen], "limit": 60, "baselines": False},
         "evaluator": {"backend": backend, "vllm": {"max_model_len": 128}},
         "output": {"dir": str(output), "save_final": False, "plots": False},

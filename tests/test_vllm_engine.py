@@ -43,6 +43,27 @@ def test_committed_task_data_matches_generator():
     assert {len(r["long_question"]) for r in rows[:128]} == set(range(4, 28))
 
 
+def test_varied_answers_stop_at_their_first_z():
+    """toy_gen_varied (the generation benchmark's default task): answers of every
+    length from 0 to 25 letters, and 64 where the progression never reaches z."""
+    from conftest import load_task_utils
+
+    from mergekit_evolve.engines.gen_toy import task_docs
+
+    utils = load_task_utils(REPO / "evals" / "toy_gen", "utils")
+    rows = task_docs()[:128]
+    answers = [utils.varied_answer(r) for r in rows]
+    assert all(
+        "z" not in a and r["long_answer"].startswith(a)
+        for r, a in zip(rows, answers, strict=True)
+    )
+    lengths = {len(a) for a in answers}
+    assert 64 in lengths and min(lengths) <= 2 and len(lengths) > 15
+    first = rows[0]  # "a+1:" continues "bcd..." and stops before "z"
+    assert first["long_question"] == "a+1:"
+    assert utils.varied_answer(first) == "bcdefghijklmnopqrstuvwxy"
+
+
 @pytest.mark.parametrize("head_dim", [None, 64])
 def test_widen_llama_computes_the_same_function(one_torch_thread, head_dim):
     import torch

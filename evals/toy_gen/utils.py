@@ -20,3 +20,8 @@ def load_toy_gen(**kwargs) -> datasets.DatasetDict:
     with DATA_FILE.open(encoding="utf-8") as fh:
         rows = [json.loads(line) for line in fh if line.strip()]
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
+
+
+def varied_answer(doc: dict) -> str:
+    """``long_answer`` up to its first ``z`` (``toy_gen_varied`` stops there)."""
+    return doc["long_answer"].split("z")[0]
