@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -252,3 +253,45 @@ def test_committed_data_is_utf8_jsonl() -> None:
         )
         rows = [json.loads(line) for line in lines]
         assert set(rows[0]) == {"question", "answer", "a", "b"}
+
+
+def test_two_processes_building_one_folder_build_it_once(tmp_path):
+    """Parallel test workers (or two runs) asking for one toy zoo: the second waits
+    for the first's build and uses it, instead of replacing the folder under it."""
+    import multiprocessing
+
+    from mergekit_evolve.toy.cache import build_atomically
+
+    directory = tmp_path / "zoo"
+    log = tmp_path / "builds.log"
+
+    def build(tmp):
+        with log.open("a") as fh:
+            fh.write("built\n")
+        time.sleep(1.0)  # long enough for the other process to wait on the lock
+        (tmp / "config.json").write_text("{}")
+
+    def worker():
+        build_atomically(
+            directory,
+            "zoo.json",
+            {"seed": 0},
+            build,
+            threads=1,
+            required=[directory / "config.json"],
+        )
+
+    context = multiprocessing.get_context("fork")
+    processes = [context.Process(target=worker) for _ in range(2)]
+    for p in processes:
+        p.start()
+    for p in processes:
+        p.join(timeout=60)
+    assert [p.exitcode for p in processes] == [0, 0]
+    assert log.read_text() == "built\n"
+    assert (directory / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".zoo.lock",
+        "builds.log",
+        "zoo",
+    ]

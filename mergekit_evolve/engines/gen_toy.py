@@ -257,6 +257,7 @@ def build_gen_toy(directory: str | Path, seed: int = 0) -> dict[str, Path]:
         lambda tmp: _build(tmp, seed),
         threads=1,
         deterministic=True,
+        required=[p / "config.json" for p in paths.values()],
     )
     return paths
 

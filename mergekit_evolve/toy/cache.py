@@ -1,9 +1,13 @@
 """Build-once folders for the toy models: a manifest says what was built, and a build
 happens in a temporary folder that replaces the old one in one ``os.replace``, so an
-interrupted build never leaves half a folder behind."""
+interrupted build never leaves half a folder behind. Builds of one folder by several
+processes (parallel test workers, two runs) take turns on a lock file beside it, and
+a process that waited finds the folder built and does not build it again."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -32,6 +36,19 @@ def is_built(
     return all(recorded.get(k) == v for k, v in meta.items())
 
 
+@contextlib.contextmanager
+def _build_lock(directory: Path):
+    """Holds an exclusive lock on ``.NAME.lock`` beside ``directory`` (released by the
+    OS if the process dies)."""
+    lock = directory.parent / f".{directory.name}.lock"
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def build_atomically(
     directory: Path,
     manifest: str,
@@ -39,6 +56,7 @@ def build_atomically(
     build: Callable[[Path], None],
     threads: int,
     deterministic: bool = False,
+    required: list[Path] | None = None,
 ) -> None:
     """Runs ``build(tmp)`` into a temporary folder beside ``directory``, writes the
     manifest (``meta`` plus the build time) and moves the folder into place.
@@ -47,11 +65,28 @@ def build_atomically(
     build and restored after; the global RNG is forked so callers' streams are
     untouched.
     Whatever stops the build (an error, Ctrl-C), no temporary folder is left behind
-    and a previous build stays in place.
+    and a previous build stays in place. With ``required``, a build that another
+    process finished while this one waited for the lock is not done again
+    (:func:`is_built`).
     """
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with _build_lock(directory):
+        if required is not None and is_built(directory, manifest, meta, required):
+            logger.info("%s was built by another process meanwhile", directory)
+            return
+        _build_atomically(directory, manifest, meta, build, threads, deterministic)
+
+
+def _build_atomically(
+    directory: Path,
+    manifest: str,
+    meta: dict[str, Any],
+    build: Callable[[Path], None],
+    threads: int,
+    deterministic: bool,
+) -> None:
     import torch
 
-    directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
     old: Path | None = None

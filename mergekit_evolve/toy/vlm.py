@@ -547,5 +547,6 @@ def build_toy_vlm(
         meta,
         lambda tmp: _build(tmp, zoo_dir, seed),
         threads=1,
+        required=None if force else [target / "config.json"],
     )
     return target

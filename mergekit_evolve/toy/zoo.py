@@ -674,5 +674,6 @@ def build_zoo(
         lambda tmp: _build(tmp, seed, spec, progress),
         threads=1,
         deterministic=True,
+        required=None if force else [p / "config.json" for p in paths.values()],
     )
     return paths
