@@ -37,8 +37,12 @@ demo: install
 	$(BIN)/mergekit-evolve configs/toy_ja_math.yml --output $$out && \
 	$(BIN)/python -m mergekit_evolve.report $$out
 
+# Two workers (CI has two cores), one test file each at a time: a file's module
+# fixtures (a finished run, a trained toy) are made once, and the toy zoos are built
+# once on disk whichever worker asks first (the other waits on the build lock).
+TEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # Style, as CI checks it: ruff's formatter and linter at 88 columns.
 lint: install
