@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mergekit_evolve.toy.cache import build_atomically, is_built
-from mergekit_evolve.toy.tokenizer import EOS, PAD, VOCAB, make_tokenizer
+from mergekit_evolve.toy.tokenizer import VOCAB, make_tokenizer
+from mergekit_evolve.toy.zoo import toy_llama_config
 
 if TYPE_CHECKING:
     import torch
@@ -136,22 +137,10 @@ def gen_toy_config(
     num_heads: int = NUM_HEADS,
     intermediate_size: int = INTERMEDIATE_SIZE,
 ):
-    """A ``LlamaConfig`` over the toy character vocabulary (head_dim = hidden/heads)."""
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=len(VOCAB),
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_heads,
-        max_position_embeddings=MAX_POSITIONS,
-        tie_word_embeddings=False,
-        pad_token_id=VOCAB[PAD],
-        eos_token_id=VOCAB[EOS],
-        bos_token_id=None,
-        dtype="float32",
+    """The toy zoo's ``LlamaConfig`` (:func:`~mergekit_evolve.toy.zoo.toy_llama_config`)
+    at this toy's sizes, with room for 64-letter answers."""
+    return toy_llama_config(
+        num_layers, hidden_size, intermediate_size, num_heads, MAX_POSITIONS
     )
 
 

@@ -319,9 +319,9 @@ def make_tiny_random_llava(
     import torch
     import transformers
 
-    from mergekit_evolve.toy.zoo import _llama_config
+    from mergekit_evolve.toy.zoo import toy_llama_config
 
-    text_config = _llama_config(num_layers, hidden_size, 2 * hidden_size, 4)
+    text_config = toy_llama_config(num_layers, hidden_size, 2 * hidden_size, 4)
     config = _llava_config(text_config)
     tokenizer = _tokenizer()
     with torch.random.fork_rng(devices=[]):

@@ -190,7 +190,7 @@ class ZooSpec:
 
     def llama_config(self):
         """The ``LlamaConfig`` of every model of the zoo."""
-        return _llama_config(
+        return toy_llama_config(
             self.num_layers, self.hidden_size, self.intermediate_size, self.num_heads
         )
 
@@ -289,9 +289,16 @@ def get_spec(spec: ZooSpec | str) -> ZooSpec:
         ) from None
 
 
-def _llama_config(
-    num_layers: int, hidden_size: int, intermediate_size: int, heads: int
+def toy_llama_config(
+    num_layers: int,
+    hidden_size: int,
+    intermediate_size: int,
+    heads: int,
+    max_positions: int = 64,
 ):
+    """A ``LlamaConfig`` over the toy character vocabulary (head_dim =
+    hidden/heads), float32, untied head: every toy model's (zoo, VLM, generation
+    toy)."""
     from transformers import LlamaConfig
 
     return LlamaConfig(
@@ -301,7 +308,7 @@ def _llama_config(
         num_hidden_layers=num_layers,
         num_attention_heads=heads,
         num_key_value_heads=heads,
-        max_position_embeddings=64,
+        max_position_embeddings=max_positions,
         tie_word_embeddings=False,
         pad_token_id=VOCAB[PAD],
         eos_token_id=VOCAB[EOS],
@@ -334,7 +341,7 @@ def make_tiny_random_llama(
     import torch
     from transformers import LlamaForCausalLM
 
-    config = _llama_config(num_layers, hidden_size, 2 * hidden_size, 4)
+    config = toy_llama_config(num_layers, hidden_size, 2 * hidden_size, 4)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
